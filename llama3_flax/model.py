@@ -1,0 +1,236 @@
+"""The Llama decoder as a pure function of a parameter pytree, with functional capture and injection.
+
+Parameters (names follow transformers so checkpoints map one-to-one; layers stacked on axis 0):
+
+    {"embed_tokens": (V, D),
+     "layers": {"input_layernorm": (L, D), "q_proj": (L, H*E, D), "k_proj": (L, K*E, D),
+                "v_proj": (L, K*E, D), "o_proj": (L, D, H*E), "post_attention_layernorm": (L, D),
+                "gate_proj": (L, F, D), "up_proj": (L, F, D), "down_proj": (L, D, F)},
+     "norm": (D,),
+     "lm_head": (V, D)}        # absent when cfg.tie_word_embeddings
+
+Because layers are stacked and scanned, every layer index (capture sites, injection layer, the range
+of layers run) is data: choosing another layer never recompiles.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import math as lm
+from .config import LlamaConfig
+
+Params = dict[str, Any]
+
+LAYER_PARAM_NAMES = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                     "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+
+
+def param_shapes(cfg: LlamaConfig) -> Params:
+    """The shape of every parameter, as a pytree of tuples (used to check checkpoints)."""
+    d, f, e, l = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_hidden_layers
+    h, k = cfg.num_attention_heads, cfg.num_key_value_heads
+    shapes = {
+        "embed_tokens": (cfg.vocab_size, d),
+        "layers": {
+            "input_layernorm": (l, d), "q_proj": (l, h * e, d), "k_proj": (l, k * e, d),
+            "v_proj": (l, k * e, d), "o_proj": (l, d, h * e), "post_attention_layernorm": (l, d),
+            "gate_proj": (l, f, d), "up_proj": (l, f, d), "down_proj": (l, d, f),
+        },
+        "norm": (d,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def init_params(cfg: LlamaConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters of the right shapes (normal weights, unit norms), in cfg.dtype."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for path, shape, key in zip(paths, leaves, keys):
+        if "norm" in path:
+            arr = 1.0 + 0.1 * jax.random.normal(key, shape)
+        else:
+            arr = std * jax.random.normal(key, shape)
+        out.append(arr.astype(cfg.jnp_dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ------------------------------------------------------------------------- sites
+@flax.struct.dataclass
+class Capture:
+    """Where to read activations: layers (Lc,) and token slots (B, P) of each sequence."""
+
+    layers: jax.Array
+    positions: jax.Array
+
+
+@flax.struct.dataclass
+class Captured:
+    """Activations at the capture sites, each (Lc, B, P, ·).
+
+    mlp_in: the down_proj input (F), the key of the editors. mlp_out: the down_proj output (D).
+    resid_out: the layer's residual-stream output (D).
+    """
+
+    mlp_in: jax.Array
+    mlp_out: jax.Array
+    resid_out: jax.Array
+
+
+@flax.struct.dataclass
+class Injection:
+    """Adds delta (B, P, D) to the residual output of `layer` at token slots `positions` (B, P).
+
+    Slots < 0 are ignored. Adding to a layer's residual output is the same as adding to its MLP
+    output (the MLP output is the last term summed into the residual), so this one site serves both
+    MEMIT (residual) and ROME (MLP output) value optimisation.
+    """
+
+    layer: jax.Array
+    positions: jax.Array
+    delta: jax.Array
+
+
+# ------------------------------------------------------------------------ forward
+def rope_positions(mask: jax.Array) -> jax.Array:
+    """RoPE positions from a (B, S) padding mask: 0, 1, ... counted over real tokens only."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x (B, T, C), positions (B, P) -> (B, P, C); out-of-range slots are clipped."""
+    idx = jnp.clip(positions, 0, x.shape[1] - 1)
+    return jnp.take_along_axis(x, idx[:, :, None], axis=1)
+
+
+def _attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, cache_index=None):
+    """Self-attention sub-layer. With kv=(k_cache, v_cache) (B, S, K, E), writes this step's keys and
+    values at cache_index and attends over the cache; returns (h, new kv)."""
+    b, t, _ = h.shape
+    x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
+    q = lm.linear(x, lp["q_proj"]).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+    k = lm.linear(x, lp["k_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    v = lm.linear(x, lp["v_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    q, k = lm.apply_rope(q, cos, sin), lm.apply_rope(k, cos, sin)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+    attn = lm.grouped_query_attention(q, k, v, bias)
+    h = h + lm.linear(attn.reshape(b, t, -1), lp["o_proj"])
+    return h, (k, v)
+
+
+def _mlp_block(cfg: LlamaConfig, lp: Params, h):
+    x = lm.rms_norm(h, lp["post_attention_layernorm"], cfg.rms_norm_eps)
+    mlp_in = lm.swiglu_mlp_input(x, lp["gate_proj"], lp["up_proj"])
+    mlp_out = lm.linear(mlp_in, lp["down_proj"])
+    return h + mlp_out, mlp_in, mlp_out
+
+
+def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, *,
+               first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
+               capture: Capture | None = None, inject: Injection | None = None):
+    """Runs decoder layers first_layer..last_layer (inclusive, both data) on the residual stream.
+
+    Args:
+      h: (B, T, D) residual stream entering first_layer.
+      mask: (B, T) 1 for real tokens, 0 for padding (left or right).
+    Returns:
+      (h, captured): the residual stream after last_layer, and Captured (or None).
+    """
+    b, t, _ = h.shape
+    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
+    cos, sin = lm.rope_angles(cfg, rope_positions(mask))
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    bias = lm.attention_bias(slots, slots, mask)
+    batch_idx = jnp.arange(b)[:, None]
+
+    def layer(h, xs):
+        i, lp = xs
+
+        def active(h):
+            h, _ = _attention_block(cfg, lp, h, cos, sin, bias)
+            h, mlp_in, mlp_out = _mlp_block(cfg, lp, h)
+            if inject is not None:
+                valid = (inject.positions >= 0) & (i == inject.layer)
+                delta = jnp.where(valid[..., None], inject.delta, 0).astype(h.dtype)
+                h = h.at[batch_idx, jnp.clip(inject.positions, 0, t - 1)].add(delta)
+            if capture is None:
+                return h, ()
+            p = capture.positions
+            return h, (_gather_positions(mlp_in, p), _gather_positions(mlp_out, p), _gather_positions(h, p))
+
+        def skipped(h):
+            if capture is None:
+                return h, ()
+            p = capture.positions.shape[1]
+            z = lambda c: jnp.zeros((b, p, c), h.dtype)
+            return h, (z(cfg.intermediate_size), z(cfg.hidden_size), z(cfg.hidden_size))
+
+        run = (i >= first_layer) & (i <= last_layer)
+        return jax.lax.cond(run, active, skipped, h)
+
+    h, ys = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"]))
+    captured = None
+    if capture is not None:
+        captured = Captured(*(y[capture.layers] for y in ys))
+    return h, captured
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return params["embed_tokens"][tokens]
+
+
+def unembedding(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """The (V, D) output matrix (the embedding when tied)."""
+    return params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def final_hidden(params: Params, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
+    return lm.rms_norm(h, params["norm"], cfg.rms_norm_eps)
+
+
+def logits_from_hidden(params: Params, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
+    """Residual stream (..., D) -> float32 logits (..., V) through the final norm and the unembedding."""
+    return lm.linear(final_hidden(params, cfg, h), unembedding(params, cfg)).astype(jnp.float32)
+
+
+def _default_mask(tokens, mask):
+    return jnp.ones(tokens.shape, jnp.int32) if mask is None else mask
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Array | None = None, *,
+            capture: Capture | None = None, inject: Injection | None = None):
+    """Logits (B, T, V) float32 for tokens (B, T) with padding mask (B, T).
+
+    With `capture`, returns (logits, Captured); with `inject`, the delta is added in the forward pass.
+    """
+    mask = _default_mask(tokens, mask)
+    h, captured = run_layers(params, cfg, embed(params, tokens), mask, capture=capture, inject=inject)
+    logits = logits_from_hidden(params, cfg, h)
+    return logits if capture is None else (logits, captured)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def residual_before(params: Params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Array,
+                    layer: int | jax.Array) -> jax.Array:
+    """The residual stream (B, T, D) entering `layer` (layer as data). Lets callers that change only
+    layer >= `layer` (value optimisation) run the earlier layers once."""
+    h, _ = run_layers(params, cfg, embed(params, tokens), mask, first_layer=0, last_layer=layer - 1)
+    return h
+
+
+def num_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxedit",
+    version="0.1.0",
+    description="ROME, MEMIT and EMMET fact editing for Llama-3-family models in JAX/Flax",
+    packages=find_packages(include=["jaxedit", "jaxedit.*", "llama3_flax", "llama3_flax.*",
+                                    "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.12.6,<0.14",
+        "optax>=0.2.4",
+        "transformers>=4.45",
+        "datasets",
+        "numpy",
+        "absl-py",
+        "safetensors",
+        "gguf>=0.10",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={
+        # torch==2.13.0 is the CPU build on local disk; other specs pull gigabytes of CUDA wheels.
+        # accelerate: transformers needs it to load GGUF files (our reference in parity tests).
+        "test": ["pytest", "torch==2.13.0", "accelerate", "nbclient", "nbformat", "ipykernel"],
+    },
+)
