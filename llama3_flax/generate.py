@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from . import math as lm
 from .config import LlamaConfig
-from .model import Params, _attention_block, _mlp_block, embed, logits_from_hidden
+from .model import Params, attention_block, mlp_block, embed, logits_from_hidden
 
 
 def _run_with_cache(params: Params, cfg: LlamaConfig, tokens, positions, key_mask, caches, start):
@@ -25,8 +25,8 @@ def _run_with_cache(params: Params, cfg: LlamaConfig, tokens, positions, key_mas
 
     def layer(h, xs):
         lp, k_cache, v_cache = xs
-        h, (k_cache, v_cache) = _attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), start)
-        h, _, _ = _mlp_block(cfg, lp, h)
+        h, (k_cache, v_cache) = attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), start)
+        h, _, _ = mlp_block(cfg, lp, h)
         return h, (k_cache, v_cache)
 
     h, caches = jax.lax.scan(layer, embed(params, tokens), (params["layers"], *caches))

@@ -114,8 +114,8 @@ def _gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx[:, :, None], axis=1)
 
 
-def _attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, cache_index=None):
-    """Self-attention sub-layer. With kv=(k_cache, v_cache) (B, S, K, E), writes this step's keys and
+def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, cache_index=None):
+    """Self-attention sub-layer of one layer's params lp (B, T, D) -> (B, T, D). With kv=(k_cache, v_cache) (B, S, K, E), writes this step's keys and
     values at cache_index and attends over the cache; returns (h, new kv)."""
     b, t, _ = h.shape
     x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
@@ -131,11 +131,26 @@ def _attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, c
     return h, (k, v)
 
 
-def _mlp_block(cfg: LlamaConfig, lp: Params, h):
+def mlp_block(cfg: LlamaConfig, lp: Params, h):
+    """MLP sub-layer: returns (h + mlp_out, mlp_in (B, T, F), mlp_out (B, T, D))."""
     x = lm.rms_norm(h, lp["post_attention_layernorm"], cfg.rms_norm_eps)
     mlp_in = lm.swiglu_mlp_input(x, lp["gate_proj"], lp["up_proj"])
     mlp_out = lm.linear(mlp_in, lp["down_proj"])
     return h + mlp_out, mlp_in, mlp_out
+
+
+def layer_context(cfg: LlamaConfig, mask: jax.Array):
+    """(cos, sin, bias) shared by all layers for a (B, T) padding mask without a cache."""
+    b, t = mask.shape
+    cos, sin = lm.rope_angles(cfg, rope_positions(mask))
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return cos, sin, lm.attention_bias(slots, slots, mask)
+
+
+def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias):
+    """One decoder layer without a cache: returns (h_out, mlp_in (B, T, F), mlp_out (B, T, D))."""
+    h, _ = attention_block(cfg, lp, h, cos, sin, bias)
+    return mlp_block(cfg, lp, h)
 
 
 def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, *,
@@ -151,17 +166,14 @@ def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, 
     """
     b, t, _ = h.shape
     last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
-    cos, sin = lm.rope_angles(cfg, rope_positions(mask))
-    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    bias = lm.attention_bias(slots, slots, mask)
+    cos, sin, bias = layer_context(cfg, mask)
     batch_idx = jnp.arange(b)[:, None]
 
     def layer(h, xs):
         i, lp = xs
 
         def active(h):
-            h, _ = _attention_block(cfg, lp, h, cos, sin, bias)
-            h, mlp_in, mlp_out = _mlp_block(cfg, lp, h)
+            h, mlp_in, mlp_out = decoder_layer(cfg, lp, h, cos, sin, bias)
             if inject is not None:
                 valid = (inject.positions >= 0) & (i == inject.layer)
                 delta = jnp.where(valid[..., None], inject.delta, 0).astype(h.dtype)
