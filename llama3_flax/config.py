@@ -165,6 +165,7 @@ _HF_IGNORED_KEYS = {
     "use_cache", "attention_dropout", "_name_or_path", "_model_name_or_path", "unk_token_id",
     "quantization_config", "output_attentions", "output_hidden_states", "return_dict",
     "is_decoder", "tokenizer_class", "use_return_dict",
+    "is_llama_config", "transformers.js_config",  # written by SmolLM2's exporter
 }
 # Keys whose only supported values are those of the Llama architecture.
 _HF_REQUIRED_VALUES = {
@@ -172,6 +173,7 @@ _HF_REQUIRED_VALUES = {
     "attention_bias": (False,),
     "mlp_bias": (False,),
     "pretraining_tp": (1,),
+    "rope_interleaved": (False,),  # SmolLM2 configs say so explicitly; interleaved RoPE is another layout
 }
 
 
