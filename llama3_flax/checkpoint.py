@@ -101,9 +101,12 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
         path = folder / fname
         if not path.exists():
             raise CheckpointError(f"shard {fname} named in the index is missing from {folder}")
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                state[key] = _load_tensor(f, key)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for key in f.keys():
+                    state[key] = _load_tensor(f, key)
+        except Exception as e:  # safetensors raises a bare SafetensorError that does not name the file
+            raise CheckpointError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from e
     return state
 
 
