@@ -93,3 +93,22 @@ def test_rope_inverse_frequencies_match_transformers(scaling):
         ratio = got / plain
         assert np.isclose(ratio, 1.0).any() and np.isclose(ratio, 1 / scaling.factor).any()
         assert ((ratio < 0.999) & (ratio > 1.001 / scaling.factor)).any()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_bfloat16_forward_is_as_accurate_as_transformers_bfloat16(kv_heads):
+    """bfloat16 weights and activations: close to transformers in bfloat16, and no farther from the
+    float32 result than transformers' own bfloat16 forward is."""
+    import torch
+
+    cfg = config.tiny(num_key_value_heads=kv_heads, dtype="bfloat16")
+    params = model.init_params(cfg, jax.random.PRNGKey(0), std=0.1)
+    ref = torch_model(cfg, params).to(torch.bfloat16)
+    tokens, mask = padded_batch(np.random.default_rng(0), [40, 20], cfg.vocab_size, "left")
+    got = model.forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    assert got.dtype == jnp.float32
+    want = torch_logits(ref, tokens, mask)
+    params32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # same (exact) weights
+    exact = model.forward(params32, cfg.replace(dtype="float32"), jnp.asarray(tokens), jnp.asarray(mask))
+    assert rel_err(got, want, mask) <= 3e-2
+    assert rel_err(got, exact, mask) <= 1.5 * rel_err(want, exact, mask)
