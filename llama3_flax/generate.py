@@ -6,31 +6,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import math as lm
 from .config import LlamaConfig
-from .model import Params, attention_block, mlp_block, embed, logits_from_hidden
-
-
-def _run_with_cache(params: Params, cfg: LlamaConfig, tokens, positions, key_mask, caches, start):
-    """Runs all layers on tokens (B, T) written at cache slots start..start+T-1.
-
-    positions: RoPE positions (B, T); key_mask: (B, S) which cache slots hold real tokens.
-    caches: (k, v) each (L, B, S, K, E). Returns (logits of the last slot (B, V), new caches).
-    """
-    b, t = tokens.shape
-    s = caches[0].shape[2]
-    cos, sin = lm.rope_angles(cfg, positions)
-    query_slots = start + jnp.broadcast_to(jnp.arange(t), (b, t))
-    bias = lm.attention_bias(query_slots, jnp.broadcast_to(jnp.arange(s), (b, s)), key_mask)
-
-    def layer(h, xs):
-        lp, k_cache, v_cache = xs
-        h, (k_cache, v_cache) = attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), start)
-        h, _, _ = mlp_block(cfg, lp, h)
-        return h, (k_cache, v_cache)
-
-    h, caches = jax.lax.scan(layer, embed(params, tokens), (params["layers"], *caches))
-    return logits_from_hidden(params, cfg, h[:, -1]), caches
+from .model import Params, embed, empty_kv_cache, logits_from_hidden, run_layers_cached
 
 
 def _pick(logits, rng, top_k: int, temperature: float):
@@ -53,21 +30,22 @@ def generate(params: Params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Arra
       (B, max_new_tokens) new token ids.
     """
     b, t = tokens.shape
-    s = t + max_new_tokens
-    shape = (cfg.num_hidden_layers, b, s, cfg.num_key_value_heads, cfg.head_dim)
-    caches = (jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+    caches = empty_kv_cache(cfg, b, t + max_new_tokens)
     key_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
     prompt_len = jnp.sum(mask, axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, caches = _run_with_cache(params, cfg, tokens, positions, key_mask, caches, 0)
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    h, caches = run_layers_cached(params, cfg, embed(params, tokens), positions, slots, key_mask, caches)
+    logits = logits_from_hidden(params, cfg, h[:, -1])
 
     def step(carry, i):
         logits, caches, key_mask, rng = carry
         rng, sub = jax.random.split(rng)
         nxt = _pick(logits, sub, top_k, temperature)
         key_mask = key_mask.at[:, t + i].set(1)
-        logits, caches = _run_with_cache(params, cfg, nxt[:, None], (prompt_len + i)[:, None], key_mask,
-                                         caches, t + i)
+        h, caches = run_layers_cached(params, cfg, embed(params, nxt[:, None]), (prompt_len + i)[:, None],
+                                      jnp.full((b, 1), t + i), key_mask, caches)
+        logits = logits_from_hidden(params, cfg, h[:, -1])
         return (logits, caches, key_mask, rng), nxt
 
     _, new = jax.lax.scan(step, (logits, caches, key_mask, rng), jnp.arange(max_new_tokens))

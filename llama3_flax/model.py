@@ -114,9 +114,13 @@ def _gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx[:, :, None], axis=1)
 
 
-def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, cache_index=None):
-    """Self-attention sub-layer of one layer's params lp (B, T, D) -> (B, T, D). With kv=(k_cache, v_cache) (B, S, K, E), writes this step's keys and
-    values at cache_index and attends over the cache; returns (h, new kv)."""
+def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, write_slots=None):
+    """Self-attention sub-layer of one layer's params lp (B, T, D) -> (B, T, D).
+
+    With kv=(k_cache, v_cache) (B, S, K, E), this step's keys and values are written at cache slots
+    write_slots (B, T) (any slots per row) and the queries attend over the whole cache; returns
+    (h, new kv).
+    """
     b, t, _ = h.shape
     x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
     q = lm.linear(x, lp["q_proj"]).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -124,8 +128,9 @@ def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, ca
     v = lm.linear(x, lp["v_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
     q, k = lm.apply_rope(q, cos, sin), lm.apply_rope(k, cos, sin)
     if kv is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+        rows = jnp.arange(b)[:, None]
+        k = kv[0].at[rows, write_slots].set(k.astype(kv[0].dtype))
+        v = kv[1].at[rows, write_slots].set(v.astype(kv[1].dtype))
     attn = lm.grouped_query_attention(q, k, v, bias)
     h = h + lm.linear(attn.reshape(b, t, -1), lp["o_proj"])
     return h, (k, v)
@@ -198,6 +203,50 @@ def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, 
     if capture is not None:
         captured = Captured(*(y[capture.layers] for y in ys))
     return h, captured
+
+
+def empty_kv_cache(cfg: LlamaConfig, batch: int, slots: int):
+    """Zeroed key/value caches (L, B, S, K, E) for run_layers_cached."""
+    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    return jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype)
+
+
+def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array,
+                      write_slots: jax.Array, key_mask: jax.Array, caches, *,
+                      first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None):
+    """Runs layers on some tokens of each sequence, attending over a key/value cache.
+
+    Args:
+      h: (B, T, D) residual stream of the tokens being run.
+      positions: (B, T) their RoPE positions. write_slots: (B, T) their cache slots (causality is
+        by slot: a token sees cache slots <= its own).
+      key_mask: (B, S) which cache slots hold real tokens once these are written.
+      caches: (k, v), each (L, B, S, K, E).
+    Returns:
+      (h, caches): caches updated at write_slots for the layers run.
+
+    Serves generation (prefill, then one slot per step) and value optimisation (only the slots from
+    the subject's last token on are recomputed; earlier slots come from the cache).
+    """
+    b = h.shape[0]
+    s = caches[0].shape[2]
+    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
+    cos, sin = lm.rope_angles(cfg, positions)
+    bias = lm.attention_bias(write_slots, jnp.broadcast_to(jnp.arange(s), (b, s)), key_mask)
+
+    def layer(h, xs):
+        i, lp, k_cache, v_cache = xs
+
+        def active(h):
+            h, kv = attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), write_slots)
+            h, _, _ = mlp_block(cfg, lp, h)
+            return h, kv
+
+        run = (i >= first_layer) & (i <= last_layer)
+        return jax.lax.cond(run, active, lambda h: (h, (k_cache, v_cache)), h)
+
+    h, caches = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"], *caches))
+    return h, caches
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:
