@@ -62,7 +62,8 @@ def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Seq
             tids.append(target)
     kl_start = len(ids)
     for i, r in enumerate(requests):
-        prefix, text = fill(KL_TEMPLATE, r)
+        prefix = KL_TEMPLATE[: KL_TEMPLATE.index("{}")]  # "{subject} is a": the subject alone, no prompt
+        text = KL_TEMPLATE.replace("{}", r.subject)
         ids.append(encode_prompt(tokenizer, text))
         lookup.append(subject_last_index(tokenizer, prefix, r))
         owner.append(i)
