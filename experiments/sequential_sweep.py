@@ -1,0 +1,98 @@
+"""Sequential-batched sweep (Yoon et al. 2024, figs 4-6): MEMIT and EMMET applying --total edits in
+batches of B, one batch after another on the already-edited model.
+
+Two kinds of metrics, both recorded and labelled:
+  * "after_batch": right after each batch, on that batch's cases only (one "type": "batch" record per
+    batch, with the number of edits made so far);
+  * "final_all": after the last batch, over all --total cases (in the cell's final "type": "cell"
+    record, together with "after_batch_mean", the aggregate of every batch's after-batch scores).
+B = --total is one batch of the same total (the baseline sequential-batched editing is compared with).
+
+Resuming: a cell counts as finished only once its "cell" record is written. A cell interrupted
+mid-way is recomputed from scratch on restart, under a new attempt id; its earlier per-batch records
+stay in the file but belong to an attempt without a final record, so experiments.summarize (which
+keeps, per cell, the batch records of the attempt of its last "cell" record) never counts them.
+
+  python -m experiments.sequential_sweep --batch_sizes=1,4,16 --total=16 --out=runs/sequential_sweep.jsonl
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from absl import app, flags
+from tqdm.auto import tqdm
+
+from experiments import common
+
+flags.DEFINE_string("batch_sizes", "1,64,256,1024,4096", "comma-separated batch sizes (paper: 1,...,4096)")
+flags.DEFINE_string("methods", "memit,emmet", "comma-separated editors: memit, emmet (rome: batch size 1)")
+flags.DEFINE_integer("total", 4096, "edits per cell (the paper: 4096; a multiple of every batch size is best)")
+flags.DEFINE_integer("layer", None, "edit layer (default: the model preset's, SmolLM2: 3)")
+flags.DEFINE_boolean("preserve_previous_edits", False, "add earlier batches' keys to the preservation term "
+                     "(C0 + K_prev K_prev^T / lambda); the paper does not")
+common.define_common_flags("runs/sequential_sweep.jsonl")
+FLAGS = flags.FLAGS
+
+
+def cell_key(method: str, layer: int, batch_size: int) -> dict:
+    return {"sweep": "sequential", "model": FLAGS.model, "counterfact": FLAGS.counterfact, "seed": FLAGS.seed,
+            "method": method, "layer": int(layer), "batch_size": int(batch_size), "total": FLAGS.total,
+            "preserve_previous_edits": FLAGS.preserve_previous_edits}
+
+
+def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: common.ResultsLog, key: dict):
+    from jaxedit import metrics, schedule
+
+    attempt = common.new_attempt()
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+
+    def after_batch(index, new_params, batch, report):
+        res = metrics.evaluate(new_params, cfg, tok, batch, progress=False)
+        cases_ = common.case_dicts(res.cases)
+        rows.extend(cases_)
+        log.append({"type": "batch", "key": key, "attempt": attempt, "batch_index": index,
+                    "edits_so_far": min((index + 1) * batch_size, len(cases)), "batch_cases": len(batch),
+                    "after_batch": common.aggregate_dict(res.aggregate), "cases": cases_,
+                    "delta_norm": report.delta_norms[0], "seconds": time.perf_counter() - t0})
+
+    final, _ = schedule.sequential_batched_edit(
+        params, cfg, tok, cases, hp, covariances=cov, templates=groups, batch_size=batch_size,
+        preserve_previous_edits=FLAGS.preserve_previous_edits, after_batch=after_batch)
+    res = metrics.evaluate(final, cfg, tok, cases, progress=None)
+    log.append({"type": "cell", "key": key, "attempt": attempt, "n_batches": -(-len(cases) // batch_size),
+                "final_all": common.aggregate_dict(res.aggregate), "final_cases": common.case_dicts(res.cases),
+                "after_batch_mean": common.aggregate_cases(rows),
+                "hparams": {"mom2_update_weight": hp.mom2_update_weight, "emmet_lambda": hp.emmet_lambda,
+                            "v_steps": hp.value.v_num_grad_steps, "cov_samples": hp.covariance.n_samples},
+                "seconds": time.perf_counter() - t0})
+    return res.aggregate
+
+
+def main(argv):
+    del argv
+    methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
+    sizes = common.parse_int_list(FLAGS.batch_sizes)
+    common.init_jax()
+    cfg, params, tok = common.load_model(FLAGS.model)
+    hps = {m: common.hparams_from_flags(m, FLAGS.layer) for m in methods}
+    layer = hps[methods[0]].layers[0]
+    log = common.ResultsLog(FLAGS.out)
+    todo = [(m, b) for b in sizes for m in methods if not log.is_finished(cell_key(m, layer, b))]
+    logging.info("sequential-batched sweep at layer %d, %d edits per cell: %d cells to run (%d done) -> %s",
+                 layer, FLAGS.total, len(todo), len(sizes) * len(methods) - len(todo), FLAGS.out)
+    if not todo:
+        return
+    cases = common.load_cases(FLAGS.counterfact, n=FLAGS.total, seed=FLAGS.seed)
+    cov = common.covariances(params, cfg, tok, [layer], hps[methods[0]], FLAGS.cache_dir, FLAGS.corpus)
+    for method, b in tqdm(todo, desc="sequential sweep cells"):
+        hp = hps[method]
+        groups = common.templates(params, cfg, tok, hp, FLAGS.cache_dir)
+        agg = run_cell(params, cfg, tok, cases, hp, cov, groups, b, log, cell_key(method, layer, b))
+        logging.info("%s B=%d, %d edits: final ES %.1f PS %.1f NS %.1f S %.1f", method, b, len(cases), agg.es,
+                     agg.ps, agg.ns, agg.s)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,249 @@
+"""Markdown tables and PNG plots (matplotlib, Agg) from the sweeps' JSONL files, in the style of Yoon et
+al. 2024's figures:
+
+  layer_sweep.{md,png}       metrics vs edit layer, one line per method (figs 1-2)
+  batch_sweep.{md,png}       metrics vs batch size, MEMIT vs EMMET (fig. 3)
+  sequential_sweep.{md,png}  sequential-batched editing: metrics right after each batch vs number of
+                             edits so far, one line per batch size, and metrics over all edits at the
+                             end vs batch size (figs 4-6)
+  summary.md                 all tables
+
+Only complete cells count: per cell, its last "cell" record and the per-batch records of that same
+attempt (experiments.common.latest_complete), so cells recomputed after a crash appear once.
+
+  python -m experiments.summarize --runs_dir=runs --out_dir=experiments/results
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from absl import app, flags
+from tqdm.auto import tqdm
+
+from experiments import common
+
+flags.DEFINE_string("runs_dir", "runs", "folder with layer_sweep.jsonl, batch_sweep.jsonl, sequential_sweep.jsonl")
+flags.DEFINE_string("layer_file", None, "layer sweep JSONL (default <runs_dir>/layer_sweep.jsonl)")
+flags.DEFINE_string("batch_file", None, "batch sweep JSONL (default <runs_dir>/batch_sweep.jsonl)")
+flags.DEFINE_string("sequential_file", None, "sequential sweep JSONL (default <runs_dir>/sequential_sweep.jsonl)")
+flags.DEFINE_string("out_dir", "experiments/results", "where the .md and .png files go")
+FLAGS = flags.FLAGS
+
+SHOWN = ("es", "ps", "ns", "s", "em", "pm", "nm")
+PLOTTED = ("es", "ps", "ns", "s")
+LABEL = {"es": "Efficacy score (ES)", "ps": "Paraphrase score (PS)", "ns": "Neighbourhood score (NS)",
+         "s": "Overall score (S)", "em": "EM", "pm": "PM", "nm": "NM"}
+NAME = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
+
+
+def _f(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _metric_cells(agg: Mapping) -> list[str]:
+    return [_f(agg.get(k)) for k in SHOWN]
+
+
+def _models(cells) -> list[str]:
+    return sorted({c["key"].get("model", "?") for c in cells})
+
+
+def _label(key: Mapping, many_models: bool) -> str:
+    name = NAME.get(key["method"], key["method"])
+    return f"{name} ({key.get('model')})" if many_models else name
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ================================================================================ layer sweep
+def layer_sweep(records, out_dir: Path) -> str:
+    cells, _ = common.latest_complete(records)
+    cells = [c for c in cells.values() if c["key"].get("sweep") == "layer"]
+    if not cells:
+        return ""
+    many = len(_models(cells)) > 1
+    cells.sort(key=lambda c: (c["key"].get("model"), c["key"]["method"], c["key"]["layer"]))
+    rows = [[_label(c["key"], many), c["key"]["layer"], c["aggregate"]["n_cases"], *_metric_cells(c["aggregate"])]
+            for c in cells]
+    table = md_table(["method", "layer", "N", *[k.upper() for k in SHOWN]], rows)
+    best = []
+    for label in dict.fromkeys(_label(c["key"], many) for c in cells):
+        mine = [c for c in cells if _label(c["key"], many) == label]
+        top = max(mine, key=lambda c: (c["aggregate"]["s"] or 0.0))
+        best.append(f"- {label}: best S {_f(top['aggregate']['s'])} at layer {top['key']['layer']}")
+    text = "## Layer sweep (single edits, each on the unedited model)\n\n" + table + "\n\n" + "\n".join(best) + "\n"
+    (out_dir / "layer_sweep.md").write_text(text)
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4))
+    for ax, k in zip(axes, tqdm(PLOTTED, desc="layer plot", leave=False)):
+        for label in dict.fromkeys(_label(c["key"], many) for c in cells):
+            mine = [c for c in cells if _label(c["key"], many) == label]
+            ax.plot([c["key"]["layer"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
+        ax.set_title(LABEL[k])
+        ax.set_xlabel("edit layer")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Single edits by layer (N per cell in layer_sweep.md)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "layer_sweep.png", dpi=110)
+    plt.close(fig)
+    return text
+
+
+def _nan(x):
+    return float("nan") if x is None else float(x)
+
+
+# ================================================================================ batch sweep
+def batch_sweep(records, out_dir: Path) -> str:
+    cells, _ = common.latest_complete(records)
+    cells = [c for c in cells.values() if c["key"].get("sweep") == "batch"]
+    if not cells:
+        return ""
+    many = len(_models(cells)) > 1
+    cells.sort(key=lambda c: (c["key"].get("model"), c["key"]["method"], c["key"]["batch_size"]))
+    rows = [[_label(c["key"], many), c["key"]["layer"], c["key"]["batch_size"], *_metric_cells(c["aggregate"])]
+            for c in cells]
+    before = {}
+    for c in cells:
+        if c.get("before"):
+            before.setdefault(c["key"]["batch_size"], c["before"])
+    rows += [["unedited", "–", b, *_metric_cells(a)] for b, a in sorted(before.items())]
+    text = ("## Batch sweep (one batch edit per cell; metrics over the batch's cases)\n\n"
+            + md_table(["method", "layer", "batch size", *[k.upper() for k in SHOWN]], rows) + "\n")
+    (out_dir / "batch_sweep.md").write_text(text)
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4))
+    for ax, k in zip(axes, tqdm(PLOTTED, desc="batch plot", leave=False)):
+        for label in dict.fromkeys(_label(c["key"], many) for c in cells):
+            mine = [c for c in cells if _label(c["key"], many) == label]
+            ax.plot([c["key"]["batch_size"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(LABEL[k])
+        ax.set_xlabel("batch size")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Batch editing: MEMIT vs EMMET")
+    fig.tight_layout()
+    fig.savefig(out_dir / "batch_sweep.png", dpi=110)
+    plt.close(fig)
+    return text
+
+
+# =========================================================================== sequential sweep
+def sequential_sweep(records, out_dir: Path) -> str:
+    cells, batches = common.latest_complete(records)
+    keys = [k for k, c in cells.items() if c["key"].get("sweep") == "sequential"]
+    if not keys:
+        return ""
+    many = len(_models([cells[k] for k in keys])) > 1
+    keys.sort(key=lambda k: (cells[k]["key"].get("model"), cells[k]["key"]["method"], cells[k]["key"]["batch_size"]))
+    rows = []
+    for k in keys:
+        c = cells[k]
+        key = c["key"]
+        rows.append([_label(key, many), key["batch_size"], key["total"], c.get("n_batches", len(batches[k])),
+                     "final, all edits", *_metric_cells(c["final_all"])])
+        rows.append(["", "", "", "", "after each batch (mean)", *_metric_cells(c["after_batch_mean"])])
+    text = ("## Sequential-batched sweep\n\n"
+            "`final, all edits`: measured once after the last batch, over all edits of the cell. "
+            "`after each batch (mean)`: each batch measured right after it was applied, on its own cases, "
+            "then aggregated over all batches.\n\n"
+            + md_table(["method", "batch size", "total edits", "batches", "measured", *[k.upper() for k in SHOWN]],
+                       rows) + "\n")
+    per_batch_rows = []
+    for k in keys:
+        key = cells[k]["key"]
+        for b in batches[k]:
+            per_batch_rows.append([_label(key, many), key["batch_size"], b["batch_index"], b["edits_so_far"],
+                                   *_metric_cells(b["after_batch"])])
+    text += ("\n### Right after each batch (on that batch's cases)\n\n"
+             + md_table(["method", "batch size", "batch", "edits so far", *[k.upper() for k in SHOWN]], per_batch_rows)
+             + "\n")
+    (out_dir / "sequential_sweep.md").write_text(text)
+
+    plt = _plt()
+    methods = list(dict.fromkeys(_label(cells[k]["key"], many) for k in keys))
+    fig, axes = plt.subplots(len(methods) + 1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.2 * (len(methods) + 1)),
+                             squeeze=False)
+    for row, label in enumerate(tqdm(methods, desc="sequential plot", leave=False)):
+        mine = [k for k in keys if _label(cells[k]["key"], many) == label]
+        for col, m in enumerate(PLOTTED):
+            ax = axes[row][col]
+            for k in mine:
+                bs = batches[k]
+                ax.plot([b["edits_so_far"] for b in bs], [_nan(b["after_batch"][m]) for b in bs], "o-",
+                        ms=3, label=f"B={cells[k]['key']['batch_size']}")
+            ax.set_title(f"{label}: {LABEL[m]}\n(right after each batch)", fontsize=9)
+            ax.set_xlabel("edits so far")
+            ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
+    for col, m in enumerate(PLOTTED):
+        ax = axes[-1][col]
+        for label in methods:
+            mine = [k for k in keys if _label(cells[k]["key"], many) == label]
+            ax.plot([cells[k]["key"]["batch_size"] for k in mine], [_nan(cells[k]["final_all"][m]) for k in mine],
+                    "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{LABEL[m]}\n(after all edits, over all edits)", fontsize=9)
+        ax.set_xlabel("batch size")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[-1][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sequential_sweep.png", dpi=100)
+    plt.close(fig)
+    return text
+
+
+def summarize(layer_file, batch_file, sequential_file, out_dir) -> dict[str, str]:
+    """Writes the tables and plots of whichever files exist; returns {section: markdown}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for name, path, fn in (("layer", layer_file, layer_sweep), ("batch", batch_file, batch_sweep),
+                           ("sequential", sequential_file, sequential_sweep)):
+        if path is None or not Path(path).exists():
+            continue
+        text = fn(common.read_jsonl(path), out_dir)
+        if text:
+            parts[name] = text
+    if parts:
+        (out_dir / "summary.md").write_text("# Sweep results\n\n" + "\n".join(parts.values()))
+    return parts
+
+
+def main(argv):
+    del argv
+    runs = Path(FLAGS.runs_dir)
+    parts = summarize(FLAGS.layer_file or runs / "layer_sweep.jsonl", FLAGS.batch_file or runs / "batch_sweep.jsonl",
+                      FLAGS.sequential_file or runs / "sequential_sweep.jsonl", FLAGS.out_dir)
+    if not parts:
+        logging.warning("no results found under %s", runs)
+    for text in parts.values():
+        print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

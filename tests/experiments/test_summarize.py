@@ -1,0 +1,52 @@
+"""summarize: markdown tables and PNG plots from small synthetic JSONL files."""
+import json
+
+from experiments import summarize
+
+
+def _agg(es, ps, ns, n=4):
+    s = 3 / (1 / es + 1 / ps + 1 / ns)
+    return {"n_cases": n, "es": es, "ps": ps, "ns": ns, "s": s, "em": 1.0, "pm": 0.5, "nm": 0.2}
+
+
+def _dump(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"type": "cell", "key"')  # + torn line
+
+
+def test_summarize_writes_tables_and_plots(tmp_path):
+    layer = [{"type": "cell", "attempt": f"a{m}{l}", "key": {"sweep": "layer", "model": "m", "method": m, "layer": l, "n": 4},
+              "aggregate": _agg(100, 50 + l, 90 - l)} for m in ("rome", "memit") for l in (0, 1, 2)]
+    layer.append({**layer[0], "attempt": "again", "aggregate": _agg(100, 99, 99)})  # a re-run: the last one wins
+    batch = [{"type": "cell", "attempt": f"b{m}{b}", "key": {"sweep": "batch", "model": "m", "method": m, "layer": 3,
+                                                             "batch_size": b},
+              "aggregate": _agg(99, 60, 80 - b / 4), "before": _agg(10, 10, 90)} for m in ("memit", "emmet") for b in (16, 64)]
+    seq = []
+    for m in ("memit", "emmet"):
+        for b in (1, 2, 4):
+            key = {"sweep": "sequential", "model": "m", "method": m, "layer": 3, "batch_size": b, "total": 4}
+            seq.append({"type": "batch", "key": key, "attempt": "stale", "batch_index": 0, "edits_so_far": b,
+                        "after_batch": _agg(1, 1, 1)})  # an interrupted attempt: must not show
+            for i in range(4 // b):
+                seq.append({"type": "batch", "key": key, "attempt": f"s{m}{b}", "batch_index": i,
+                            "edits_so_far": (i + 1) * b, "after_batch": _agg(100, 70, 80)})
+            seq.append({"type": "cell", "key": key, "attempt": f"s{m}{b}", "n_batches": 4 // b,
+                        "final_all": _agg(90 - b, 60, 70), "after_batch_mean": _agg(100, 70, 80)})
+    for name, recs in (("layer", layer), ("batch", batch), ("sequential", seq)):
+        _dump(tmp_path / f"{name}.jsonl", recs)
+    out = tmp_path / "out"
+    parts = summarize.summarize(tmp_path / "layer.jsonl", tmp_path / "batch.jsonl", tmp_path / "sequential.jsonl", out)
+    assert set(parts) == {"layer", "batch", "sequential"}
+    for name in ("layer_sweep", "batch_sweep", "sequential_sweep"):
+        assert (out / f"{name}.md").stat().st_size > 100
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    layer_md = (out / "layer_sweep.md").read_text()
+    assert layer_md.count("| ROME | 0 |") == 1 and "| ROME | 0 | 4 | 100.0 | 99.0 | 99.0 |" in layer_md
+    seq_md = (out / "sequential_sweep.md").read_text()
+    assert "| 1.0 | 1.0 | 1.0 |" not in seq_md  # the stale attempt's batch is not shown
+    assert seq_md.count("| MEMIT | 1 | 0 | 1 |") == 1
+    assert "unedited" in (out / "batch_sweep.md").read_text()
+    assert (out / "summary.md").exists()
+
+
+def test_summarize_with_no_files(tmp_path):
+    assert summarize.summarize(tmp_path / "no1", tmp_path / "no2", None, tmp_path / "out") == {}
