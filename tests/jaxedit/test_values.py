@@ -49,11 +49,12 @@ def naive_values(params, cfg, tok, request, layer, hp, site):
         return nll + hp.kl_factor * kl + hp.v_weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / jnp.sum(init ** 2), kl_lp
 
     delta = jnp.zeros_like(init)
-    _, ref_kl = loss_fn(delta, jnp.zeros(cfg.vocab_size))
+    _, ref_kl = jax.jit(loss_fn)(delta, jnp.zeros(cfg.vocab_size))
     opt = optax.adam(hp.v_lr)
     state = opt.init(delta)
+    loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     for it in range(hp.v_num_grad_steps):
-        (loss, _), grad = jax.value_and_grad(loss_fn, has_aux=True)(delta, ref_kl)
+        (loss, _), grad = loss_and_grad(delta, ref_kl)
         if loss < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
             break
         upd, state = opt.update(grad, state, delta)
