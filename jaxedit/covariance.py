@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -37,6 +36,7 @@ from llama3_flax import model as llama
 from llama3_flax.config import LlamaConfig
 
 from . import tokenize
+from .cache import atomic_write_bytes, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -287,24 +287,6 @@ def corpus_samples(tokenizer, documents: Iterable[str], n_samples: int, max_leng
 
 
 # ------------------------------------------------------------------------- cache
-def model_fingerprint(params: llama.Params, cfg: LlamaConfig) -> str:
-    """A hash of cfg and of a grid of values of every parameter tensor (all stacked layers).
-
-    Low-rank edits change every entry of a matrix, so an edited model (or another checkpoint) gets
-    another fingerprint. Only ~256 values per layer and tensor leave the device.
-    """
-    digest = hashlib.sha256(repr(cfg).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        shape = tuple(leaf.shape)
-        stacked = "layers" in jax.tree_util.keystr(path) and len(shape) >= 2
-        index = tuple(slice(None) if (stacked and axis == 0) else slice(None, None, max(1, n // 16))
-                      for axis, n in enumerate(shape))
-        sample = np.asarray(jax.device_get(leaf[index]), np.float32)
-        digest.update(f"{jax.tree_util.keystr(path)}{shape}{leaf.dtype}".encode())
-        digest.update(np.ascontiguousarray(sample).tobytes())
-    return digest.hexdigest()[:20]
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's vocabulary size, special ids and the ids of a probe text."""
     probe = tokenizer("The quick brown fox, 1995 — Zürich; déjà vu.")["input_ids"]
@@ -325,17 +307,7 @@ def _write_cache(path: Path, matrix: np.ndarray, count: int, provenance: dict) -
     buf = io.BytesIO()
     np.savez(buf, matrix=matrix, count=np.int64(count), provenance=np.str_(json.dumps(provenance, sort_keys=True)),
              sha256=np.str_(hashlib.sha256(matrix.tobytes()).hexdigest()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _read_cache(path: Path, key: dict, f: int) -> tuple[np.ndarray | None, str]:
