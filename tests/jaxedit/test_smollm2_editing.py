@@ -1,4 +1,6 @@
 """End-to-end truth on the offline SmolLM2: 8 CounterFact cases edited by ROME, MEMIT and EMMET."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -90,7 +92,7 @@ def test_rome_on_memit_output_keeps_both_edits(world, memit_edited):
 def test_sequential_batched_32_in_batches_of_8(world):
     cfg, params, tok, covs, cache, cases = world
     hp = preset("smollm2-135m", "memit")
-    hp = hp.replace(value=hp.value.__class__(**{**hp.value.__dict__, "v_num_grad_steps": 10}))
+    hp = hp.replace(value=dataclasses.replace(hp.value, v_num_grad_steps=10))  # cheaper; efficacy is reported
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
     final, outcomes = schedule.sequential_batched_edit(
         params, cfg, tok, cases[9:41], hp, covariances=covs, templates=g, batch_size=8, progress=False,
