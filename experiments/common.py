@@ -199,6 +199,14 @@ def templates(params, cfg, tok, hp, cache_dir):
 _VALUE_FIELDS = ("target", "init", "delta", "loss", "nll", "steps")
 
 
+def _code_mtime() -> float:
+    """The newest modification time of the modules that compute values: cached values written before
+    it are stale (the library changed) and are recomputed."""
+    import jaxedit.keys, jaxedit.values
+
+    return max(Path(m.__file__).stat().st_mtime for m in (jaxedit.values, jaxedit.keys))
+
+
 def _value_key(fingerprint: str, hp, groups) -> str:
     site = "mlp" if hp.method == "rome" else "resid"
     desc = json.dumps({"model": fingerprint, "layer": hp.layers[-1], "site": site,
@@ -235,9 +243,10 @@ class ValueCache:
                                chunk_size=chunk_size)
         folder = self.dir / _value_key(self.fingerprint, hp, groups)
         have: dict[Any, dict] = {}
+        fresh_after = _code_mtime()
         for r in requests:
             p = folder / f"{_safe(r.case_id)}.npz"
-            if p.is_file():
+            if p.is_file() and p.stat().st_mtime >= fresh_after:
                 try:
                     with np.load(p) as z:
                         have[r.case_id] = {f: np.array(z[f]) for f in _VALUE_FIELDS}
