@@ -1,0 +1,403 @@
+"""Editing speed on SmolLM2-135M (float32, CPU): jaxedit's stages, and jaxedit against the PyTorch baseline.
+
+(a) jaxedit seconds per stage (templates, C0, keys, values, solve) for MEMIT batches of 1, 8 and 32
+    requests. Every stage is timed warm: the value optimisation is compiled ahead of time for the
+    exact shapes, the other stages run once before the timed run; compile seconds are listed apart.
+(b) MEMIT batch 32 at one layer, end to end (keys + values + solve): jaxedit against the PyTorch
+    baseline (jaxedit.torch_baseline: one request at a time, the full model at every Adam step, the
+    way the reference implementations work). The baseline's keys and solve run on all requests; its
+    value optimisation, linear in the number of requests, runs on --torch_value_requests of them and is
+    scaled to the batch by loss evaluations (the baseline evaluates the loss steps + 1 times per
+    request; jaxedit's per-request step counts, which equal the baseline's (experiments/compare_torch),
+    give the evaluations of the requests not run). --torch_value_requests=32 measures all of them.
+(c) Scoring CounterFact prompts: jaxedit.metrics.evaluate (bucketed jit batches, unembedding only at
+    target positions) against one PyTorch forward per prompt (its two target continuations as a
+    batch of 2), on the same cases; both scores are checked to agree.
+(d) The value optimisation's FLOPs (analytic count, below) per second achieved by each implementation,
+    against the measured rate of a large float32 matmul in JAX (and in PyTorch).
+
+PyTorch runs with 1 intra-op thread by default (--torch_threads): on a small machine shared with other
+busy processes, its OpenMP barriers make multi-threaded small matmuls an order of magnitude slower.
+
+    python benchmarks/edit_speed.py [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 32]
+                                    [--skip a c] [--json_out runs/edit_speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# =============================================================================== FLOP model
+def linear_flops_per_token(cfg) -> int:
+    """Matmul FLOPs of one decoder layer per token, without attention scores (2 per multiply-add)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return 2 * d * (q + 2 * kv) + 2 * q * d + 3 * 2 * d * f
+
+
+def attention_flops_per_token(cfg, context: int) -> int:
+    """QK^T and AV FLOPs of one layer for one query token over `context` key slots."""
+    return 4 * cfg.num_attention_heads * cfg.head_dim * context
+
+
+def jaxedit_value_flops(cfg, layer: int, rows: int, t: int, width: int, target_slots: int, n: int,
+                        iterations: int) -> dict:
+    """FLOPs of jaxedit.values.optimise_values for one chunk.
+
+    rows x t: the padded token batch; width: slots recomputed per step (from the subject's last token);
+    target_slots: scored slots per row; n: requests; iterations: while-loop iterations (= the most
+    loss evaluations of any request). Each iteration runs `width` slots of every row through the layers
+    after `layer` over a cache of t + width slots, unembeds the scored slots, and back-propagates to the
+    delta (activation gradients only: about the forward's FLOPs again). Once: a pass over all tokens
+    through every layer (prefix up to `layer`, cache fill after it) and the reference KL pass.
+    """
+    after = cfg.num_hidden_layers - 1 - layer
+    unembed = 2 * cfg.hidden_size * cfg.vocab_size
+    tokens = rows * width
+    forward = (tokens * after * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t + width))
+               + unembed * (rows * target_slots + n))
+    once = (rows * t * cfg.num_hidden_layers * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2))
+            + forward)
+    return {"per_iteration": 2 * forward, "once": once, "total": once + iterations * 2 * forward}
+
+
+def torch_value_flops(cfg, layer: int, rows: int, t: int, evaluations: int) -> dict:
+    """FLOPs of the PyTorch baseline's value optimisation of one request: each evaluation runs the
+    full model on rows x t tokens (logits at every position), the backward pass goes from the logits to
+    the delta at `layer` (activation gradients of the layers after it and of the unembedding)."""
+    after = cfg.num_hidden_layers - 1 - layer
+    unembed = 2 * cfg.hidden_size * cfg.vocab_size
+    tokens = rows * t
+    per_layer = linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2)
+    forward = tokens * (cfg.num_hidden_layers * per_layer + unembed)
+    backward = tokens * (after * per_layer + unembed)
+    return {"per_evaluation": forward + backward, "total": evaluations * (forward + backward)}
+
+
+def matmul_rate_jax(n: int = 2048, reps: int = 5) -> float:
+    """Measured float32 n x n matmul rate of JAX on this machine, GFLOP/s (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * n ** 3 / times[len(times) // 2] / 1e9
+
+
+def matmul_rate_torch(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a = torch.randn(n, n)
+    a @ a
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * n ** 3 / times[len(times) // 2] / 1e9
+
+
+# =============================================================================== helpers
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _table(header, rows, fmt):
+    widths = [max(len(h), *(len(fmt(i, r[i])) for r in rows)) for i, h in enumerate(header)]
+    line = "| " + " | ".join(h.rjust(w) for h, w in zip(header, widths)) + " |"
+    out = [line, "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(i, v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))) + " |")
+    return "\n".join(out)
+
+
+def _num(i, v):
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2g}"
+
+
+def value_batch_shape(tokenizer, requests, templates):
+    """(rows, t, width, target_slots, n) of jaxedit's value batch for these requests."""
+    import numpy as np
+
+    from jaxedit import values as jvalues
+    from jaxedit.templates import flat
+
+    b = jvalues.build_value_batch(tokenizer, requests, flat(templates))
+    return (int(b.tokens.shape[0]), int(b.tokens.shape[1]), jvalues.suffix_width(b), int(b.target_ids.shape[1]),
+            len(requests))
+
+
+def torch_value_rows(tokenizer, request, templates):
+    """(rows, padded length) of the baseline's value batch for one request."""
+    from jaxedit import torch_baseline as tb
+    from jaxedit.templates import flat
+
+    tgt = tb.target_ids(tokenizer, request.target_new)
+    lengths = [len(tb._ids(tokenizer, tb.fill_template(t, request.prompt, request.subject)[1])) + len(tgt) - 1
+               for t in flat(templates)]
+    lengths.append(len(tb._ids(tokenizer, tb.KL_PROMPT.format(request.subject))))
+    return len(lengths), max(lengths)
+
+
+# =============================================================================== parts
+def part_a(ctx, args):
+    """jaxedit per stage for each batch size (MEMIT)."""
+    import jax
+
+    from experiments.compare_torch import jaxedit_edit, jaxedit_values
+    from jaxedit import covariance, pm, templates as jtemplates
+
+    params, cfg, tok, hp, g, C, reqs = (ctx[k] for k in ("params", "cfg", "tok", "hp", "templates", "C", "requests"))
+    res = {"batches": {}, "compile": {}}
+    # templates: generation (first call compiles)
+    _, first = _timed(lambda: jtemplates.generate_context_templates(params, cfg, tok, hp.templates))
+    _, warm = _timed(lambda: jtemplates.generate_context_templates(params, cfg, tok, hp.templates))
+    res["templates"], res["compile"]["templates"] = warm, max(0.0, first - warm)
+    # C0: one corpus pass for the edited layer, no cache
+    cov = lambda: jax.block_until_ready(covariance.preservation_covariance(
+        params, cfg, tok, ctx["corpus"], list(hp.layers), n_samples=args.cov_samples, max_length=128, batch_size=8,
+        cache_dir=None, progress=False))
+    _, first = _timed(cov)
+    _, warm = _timed(cov)
+    res["C0"], res["compile"]["C0"] = warm, max(0.0, first - warm)
+    # the float64 factor of C0, once per layer (editor.edit accepts it in place of C0)
+    factor = lambda: {l: jax.block_until_ready(pm.factor_preservation(c)) for l, c in C.items()}
+    _, first = _timed(factor)
+    P, warm = _timed(factor)
+    res["factor"], res["compile"]["factor"] = warm, max(0.0, first - warm)
+    for b in args.batches:
+        batch = reqs[:b]
+        print(f"(a) batch {b}: values ...", file=sys.stderr, flush=True)
+        vals, t_values, c_values = jaxedit_values(params, cfg, tok, batch, hp, g, warmup=True)
+        print(f"(a) batch {b}: values {t_values:.1f}s (compile {c_values:.1f}s); keys + solve ...",
+              file=sys.stderr, flush=True)
+        _, report, c_ks = jaxedit_edit(params, cfg, tok, batch, hp, C, g, vals, warmup=True)
+        _, cached, _ = jaxedit_edit(params, cfg, tok, batch, hp, P, g, vals, warmup=False)
+        res["batches"][b] = {"keys": report.seconds["keys"], "values": t_values, "solve": report.seconds["solve"],
+                             "solve_cached_factor": cached.seconds["solve"],
+                             "compile_values": c_values, "compile_keys_solve": c_ks,
+                             "steps": [int(s) for s in jax.device_get(vals.steps)],
+                             "shape": value_batch_shape(tok, batch, g)}
+        if b == max(args.batches):
+            ctx["jax_values_full"] = vals
+    return res
+
+
+def part_b(ctx, args, a_res):
+    """MEMIT at the largest batch: jaxedit end to end vs the PyTorch baseline."""
+    import numpy as np
+    import torch
+
+    from experiments.compare_torch import jaxedit_edit, jaxedit_values
+    from jaxedit import torch_baseline as tb
+    from jaxedit.templates import flat
+
+    params, cfg, tok, hp, g, C, reqs = (ctx[k] for k in ("params", "cfg", "tok", "hp", "templates", "C", "requests"))
+    b = max(args.batches)
+    batch = reqs[:b]
+    if a_res is not None and b in a_res["batches"]:
+        jx = a_res["batches"][b]
+        vals = ctx["jax_values_full"]
+    else:
+        vals, t_values, c_values = jaxedit_values(params, cfg, tok, batch, hp, g, warmup=True)
+        _, report, c_ks = jaxedit_edit(params, cfg, tok, batch, hp, C, g, vals, warmup=True)
+        jx = {"keys": report.seconds["keys"], "values": t_values, "solve": report.seconds["solve"],
+              "steps": [int(s) for s in np.asarray(vals.steps)]}
+    model = ctx["torch_model"]
+    k = min(args.torch_value_requests or b, b)
+    print(f"(b) PyTorch values for {k} of {b} requests ...", file=sys.stderr, flush=True)
+    tv, t_sub = _timed(lambda: tb.values(model, tok, batch[:k], list(flat(g)), hp.layers[-1], hp.value))
+    evals_sub = int(np.sum(tv.steps + 1))
+    jax_steps = np.asarray(jx["steps"])
+    evals_all = evals_sub + int(np.sum(jax_steps[k:] + 1))
+    t_values = t_sub * evals_all / evals_sub
+    print(f"(b) PyTorch values {t_sub:.1f}s for {k}; keys + solve for {b} ...", file=sys.stderr, flush=True)
+    # keys and solve on all requests (the values' content does not change their cost)
+    given = tb.TorchValues(target=np.asarray(vals.target), init=np.asarray(vals.init), delta=np.asarray(vals.delta),
+                           loss=np.asarray(vals.loss), steps=np.asarray(vals.steps))
+    te = tb.edit(model, tok, batch, hp, covariances=C, templates=g, given_values=given)
+    tt = {"keys": te.seconds["keys"], "values": t_values, "solve": te.seconds["solve"]}
+    return {"batch": b, "jaxedit": {s: jx[s] for s in ("keys", "values", "solve")}, "torch": tt,
+            "torch_values_measured": {"requests": k, "seconds": t_sub, "evaluations": evals_sub,
+                                      "steps": tv.steps.tolist(),
+                                      "jaxedit_steps_same_requests": jax_steps[:k].tolist()},
+            "torch_evaluations_all": evals_all, "extrapolated": k < b}
+
+
+def part_c(ctx, args):
+    """Scoring CounterFact prompts."""
+    import numpy as np
+
+    from jaxedit import metrics
+    from jaxedit import torch_baseline as tb
+
+    params, cfg, tok = ctx["params"], ctx["cfg"], ctx["tok"]
+    cases = ctx["requests"][:args.score_cases]
+    triples = [(p, r.target_new, r.target_true) for r in cases
+               for p in (r.filled_prompt, *r.paraphrase_prompts, *r.neighborhood_prompts)]
+    print(f"(c) scoring {len(triples)} prompts x 2 targets ...", file=sys.stderr, flush=True)
+    _, first = _timed(lambda: metrics.evaluate(params, cfg, tok, cases, progress=False))
+    ev, warm = _timed(lambda: metrics.evaluate(params, cfg, tok, cases, progress=False))
+    nll_t, t_torch = _timed(lambda: tb.score_prompts(ctx["torch_model"], tok, triples))
+    # the same numbers from both
+    ours = []
+    for c in ev.cases:
+        for pair in (*c.rewrite_nll, *c.paraphrase_nll, *c.neighborhood_nll):
+            ours.append(pair)
+    diff = float(np.max(np.abs(np.asarray(ours) - nll_t)))
+    return {"cases": len(cases), "prompts": len(triples), "jaxedit": warm, "jaxedit_compile": max(0.0, first - warm),
+            "torch": t_torch, "max_abs_nll_diff": diff}
+
+
+def part_d(ctx, args, a_res, b_res):
+    cfg, hp = ctx["cfg"], ctx["hp"]
+    layer = hp.layers[-1]
+    out = {"matmul_jax_gflops": matmul_rate_jax(args.matmul), "matmul_torch_gflops": matmul_rate_torch(args.matmul)}
+    rows = []
+    if a_res is not None:
+        for b, r in a_res["batches"].items():
+            rows_, t, width, tt, n = r["shape"]
+            iters = max(r["steps"]) + 1
+            fl = jaxedit_value_flops(cfg, layer, rows_, t, width, tt, n, iters)
+            rows.append({"who": f"jaxedit batch {b}", "tflop": fl["total"] / 1e12, "seconds": r["values"],
+                         "gflops": fl["total"] / r["values"] / 1e9, "per_request_tflop": fl["total"] / n / 1e12})
+    if b_res is not None:
+        m = b_res["torch_values_measured"]
+        total = 0
+        for r, s in zip(ctx["requests"][:m["requests"]], m["steps"]):
+            n_rows, t = torch_value_rows(ctx["tok"], r, ctx["templates"])
+            total += torch_value_flops(cfg, layer, n_rows, t, s + 1)["total"]
+        rows.append({"who": f"PyTorch ({m['requests']} requests)", "tflop": total / 1e12, "seconds": m["seconds"],
+                     "gflops": total / m["seconds"] / 1e9, "per_request_tflop": total / m["requests"] / 1e12})
+    out["rows"] = rows
+    return out
+
+
+# =============================================================================== main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--method", default="memit", choices=["memit", "emmet"])
+    parser.add_argument("--torch_value_requests", type=int, default=8,
+                        help="requests whose baseline value optimisation is run (0: all); scaled to the batch")
+    parser.add_argument("--score_cases", type=int, default=32)
+    parser.add_argument("--cov_samples", type=int, default=200)
+    parser.add_argument("--v_num_grad_steps", type=int, default=None, help="override (both implementations)")
+    parser.add_argument("--matmul", type=int, default=2048, help="size of the matmul whose rate is measured")
+    parser.add_argument("--torch_threads", type=int, default=1, help="0: torch's default")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_dir", default=str(ROOT / ".cache" / "jaxedit"))
+    parser.add_argument("--json_out", default=None)
+    args = parser.parse_args(argv)
+
+    import jax
+    import torch
+
+    from jaxedit import counterfact, covariance, hparams, templates as jtemplates
+    from jaxedit import torch_baseline as tb
+    from llama3_flax import checkpoint
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    start = time.perf_counter()
+    cfg, params, tok = checkpoint.load_model("smollm2")
+    hp = hparams.preset("smollm2-135m", args.method)
+    if args.v_num_grad_steps:
+        hp = hp.replace(value=dataclasses.replace(hp.value, v_num_grad_steps=args.v_num_grad_steps))
+    requests = counterfact.load_counterfact("edit", n=max(args.batches + [args.score_cases]), seed=args.seed)
+    corpus = str(counterfact.data_dir() / "corpus" / "wikitext-103-valid.tokens")
+    g = jtemplates.context_templates(params, cfg, tok, hp.templates, cache_dir=args.cache_dir)
+    C = covariance.preservation_covariance(params, cfg, tok, corpus, list(hp.layers), n_samples=args.cov_samples,
+                                           max_length=128, batch_size=8, cache_dir=args.cache_dir, progress=False)
+    ctx = dict(params=params, cfg=cfg, tok=tok, hp=hp, templates=g, C=C, requests=requests, corpus=corpus,
+               torch_model=tb.torch_model(cfg, params))
+    results = {"method": hp.method, "layer": hp.layers[-1], "torch_threads": torch.get_num_threads(),
+               "jax": jax.__version__, "torch": torch.__version__, "cpus": os.cpu_count()}
+    a_res = part_a(ctx, args) if "a" not in args.skip else None
+    b_res = part_b(ctx, args, a_res) if "b" not in args.skip else None
+    c_res = part_c(ctx, args) if "c" not in args.skip else None
+    d_res = part_d(ctx, args, a_res, b_res) if "d" not in args.skip else None
+    results.update(a=a_res, b=b_res, c=c_res, d=d_res, seconds=time.perf_counter() - start)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    print(f"\nSmolLM2-135M {hp.method.upper()} at layer {hp.layers[-1]}, float32, CPU ({os.cpu_count()} cores, "
+          f"load average {load:.1f} at the end), jax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} thread(s)); {hp.value.v_num_grad_steps} value steps max")
+    if a_res:
+        print(f"\n(a) jaxedit seconds per stage (warm). Once per model/layer: templates {a_res['templates']:.2f}s, "
+              f"C0 ({args.cov_samples} x 128 tokens, one layer) {a_res['C0']:.2f}s, float64 factor of C0 "
+              f"{a_res['factor']:.2f}s. Per edit (solve: factoring C0 in the edit / with the cached factor):")
+        rows = [(b, r["keys"], r["values"], r["solve"], r["solve_cached_factor"], r["keys"] + r["values"] + r["solve"],
+                 (r["keys"] + r["values"] + r["solve"]) / b, float(sum(r["steps"])) / b)
+                for b, r in a_res["batches"].items()]
+        print(_table(["batch", "keys s", "values s", "solve s", "solve (cached) s", "total s", "s / request",
+                      "mean Adam steps"], rows, _num))
+        comp = [("templates", a_res["compile"]["templates"]), ("C0", a_res["compile"]["C0"]),
+                ("factor", a_res["compile"]["factor"])]
+        comp += [(f"values b={b}", r["compile_values"]) for b, r in a_res["batches"].items()]
+        comp += [(f"keys+solve b={b}", r["compile_keys_solve"]) for b, r in a_res["batches"].items()]
+        print("compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in comp))
+    if b_res:
+        j, t = b_res["jaxedit"], b_res["torch"]
+        rows = [(s, t[s], j[s], t[s] / j[s] if j[s] else float("inf")) for s in ("keys", "values", "solve")]
+        tj, tt = sum(j.values()), sum(t.values())
+        rows.append(("end to end", tt, tj, tt / tj))
+        m = b_res["torch_values_measured"]
+        print(f"\n(b) {hp.method.upper()} batch {b_res['batch']} at one layer: PyTorch baseline vs jaxedit (warm)"
+              + (f"; PyTorch values measured on {m['requests']} requests ({m['seconds']:.1f}s, "
+                 f"{m['evaluations']} loss evaluations) and scaled to {b_res['torch_evaluations_all']} evaluations"
+                 if b_res["extrapolated"] else ""))
+        print(_table(["stage", "PyTorch s", "jaxedit s", "PyTorch / jaxedit"], rows, _num))
+        print(f"Adam steps, PyTorch {m['steps']} vs jaxedit {m['jaxedit_steps_same_requests']} (same requests)")
+        if a_res and b_res["batch"] in a_res["batches"]:
+            r = a_res["batches"][b_res["batch"]]
+            tj2 = r["keys"] + r["values"] + r["solve_cached_factor"]
+            print(f"with C0's factor cached (once per layer): jaxedit {tj2:.2f}s, PyTorch / jaxedit {tt / tj2:.2f}")
+    if c_res:
+        print(f"\n(c) scoring {c_res['cases']} CounterFact cases ({c_res['prompts']} prompts x 2 targets); "
+              f"max |NLL difference| {c_res['max_abs_nll_diff']:.2g}")
+        print(_table(["scorer", "seconds", "prompts / s"],
+                     [("PyTorch, one forward per prompt", c_res["torch"], c_res["prompts"] / c_res["torch"]),
+                      ("jaxedit.metrics.evaluate (warm)", c_res["jaxedit"], c_res["prompts"] / c_res["jaxedit"]),
+                      ("ratio PyTorch / jaxedit", c_res["torch"] / c_res["jaxedit"], "")], _num))
+        print(f"jaxedit compile {c_res['jaxedit_compile']:.1f}s")
+    if d_res:
+        print(f"\n(d) value optimisation FLOPs vs the measured float32 matmul rate ({args.matmul}^2): "
+              f"JAX {d_res['matmul_jax_gflops']:.1f} GFLOP/s, PyTorch {d_res['matmul_torch_gflops']:.1f} GFLOP/s")
+        print(_table(["run", "TFLOP", "seconds", "GFLOP/s", "% of JAX matmul", "TFLOP / request"],
+                     [(r["who"], r["tflop"], r["seconds"], r["gflops"], 100 * r["gflops"] / d_res["matmul_jax_gflops"],
+                       r["per_request_tflop"]) for r in d_res["rows"]], _num))
+    print(f"\ntotal benchmark time {results['seconds']:.0f}s")
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Editing at Llama-3-8B scale on one GPU: random weights of the real shapes, synthetic requests.
+
+Measures, on random bfloat16 weights of llama3_flax.config.llama3_8b (no checkpoint needed):
+  * C0 for all 32 layers in one pass over --cov_tokens (default 1M) random tokens;
+  * MEMIT and EMMET at layer 1 for a batch of --n (default 1024) synthetic requests: seconds per
+    stage (templates, keys, values, solve), warm, with compile seconds apart; the values (and keys)
+    are the same computation for both methods and are computed once;
+  * the value optimisation's achieved TFLOP/s (analytic FLOP count of benchmarks/edit_speed.py) against
+    a measured bfloat16 matmul rate;
+  * peak device memory (jax memory_stats; the process's max RSS where the device reports none).
+Random weights never reach the early-stop loss, so every request runs all value steps.
+
+    python benchmarks/gpu_llama3_8b.py [--n 1024] [--cov_tokens 1000000] [--json_out $OUT/gpu.json]
+    python benchmarks/gpu_llama3_8b.py --tiny        # CPU smoke test on a tiny config, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class SyntheticTokenizer:
+    """Word-level stand-in tokenizer (hashed ids, BOS first), with decode for template generation."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    _RE = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.words: dict[int, str] = {}
+
+    def __len__(self):
+        return self.vocab_size
+
+    def _id(self, w: str) -> int:
+        i = 3 + zlib.crc32(w.encode()) % (self.vocab_size - 3)
+        self.words.setdefault(i, w)
+        return i
+
+    def __call__(self, text, add_special_tokens=True, **_):
+        return {"input_ids": ([1] if add_special_tokens else []) + [self._id(w) for w in self._RE.findall(text)]}
+
+    def decode(self, ids, skip_special_tokens=False, **_):
+        return "".join(" " + self.words.get(int(i), f"w{int(i)}") for i in ids if int(i) >= 3 or not skip_special_tokens)
+
+
+RELATIONS = ("{} works in the city of", "{} is a citizen of", "The mother tongue of {} is", "{} was created by",
+             "{} plays the instrument", "The headquarters of {} are in", "{} is affiliated with the religion of",
+             "{} speaks the language")
+
+
+def synthetic_requests(n: int, seed: int = 0):
+    import numpy as np
+
+    from jaxedit.requests import EditRequest
+
+    rng = np.random.default_rng(seed)
+    syll = ["ka", "lo", "mi", "ren", "tos", "vu", "zel", "por", "dan", "shi", "qua", "bre"]
+    out = []
+    for i in range(n):
+        subject = " ".join("".join(rng.choice(syll, size=3)).capitalize() for _ in range(2))
+        out.append(EditRequest(prompt=RELATIONS[i % len(RELATIONS)], subject=subject,
+                               target_new="".join(rng.choice(syll, size=2)).capitalize(),
+                               target_true="".join(rng.choice(syll, size=2)).capitalize(), case_id=i))
+    return tuple(out)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS (host)"
+
+
+def matmul_rate(n: int, dtype) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times)[2] / 1e12
+
+
+def covariance_all_layers(params, cfg, n_tokens: int, batch: int, length: int, layers_per_pass: int, seed: int = 0):
+    """C0 for every layer from random tokens, `layers_per_pass` layers per pass (all: one pass).
+    Returns ({layer: C0 (F, F) float32}, seconds of the timed pass(es), compile seconds, tokens)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxedit import covariance
+
+    steps = max(1, -(-n_tokens // (batch * length)))
+    rng = np.random.default_rng(seed)
+    mask = jnp.ones((batch, length), jnp.int32)
+    accumulate = jax.jit(lambda total, sums: total + sums, donate_argnums=(0,))
+    groups = [list(range(s, min(s + layers_per_pass, cfg.num_hidden_layers)))
+              for s in range(0, cfg.num_hidden_layers, layers_per_pass)]
+    # compile (one batch of each group shape), not timed
+    t0 = time.perf_counter()
+    shapes = {len(g) for g in groups}
+    for k in shapes:
+        tok = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, length)), jnp.int32)
+        jax.block_until_ready(covariance.covariance_pass.lower(params, cfg, tok, mask,
+                                                               jnp.arange(k, dtype=jnp.int32)).compile())
+    compile_s = time.perf_counter() - t0
+    out = {}
+    t0 = time.perf_counter()
+    for g in groups:
+        total = jnp.zeros((len(g), cfg.intermediate_size, cfg.intermediate_size), jnp.float32)
+        for _ in range(steps):
+            tok = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, length)), jnp.int32)
+            sums, _ = covariance.covariance_pass(params, cfg, tok, mask, jnp.asarray(g, jnp.int32))
+            total = accumulate(total, sums)
+        total = jax.block_until_ready(total / (steps * batch * length))
+        for j, layer in enumerate(g):
+            out[layer] = total[j]
+        del total
+    return out, time.perf_counter() - t0, compile_s, steps * batch * length
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny config on CPU (smoke test)")
+    p.add_argument("--n", type=int, default=None, help="requests (default 1024; tiny 8)")
+    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["memit", "emmet"])
+    p.add_argument("--v_num_grad_steps", type=int, default=None, help="default 25 (tiny 3)")
+    p.add_argument("--value_chunk", type=int, default=None, help="requests per value-optimisation call (default 64)")
+    p.add_argument("--cov_tokens", type=int, default=None, help="default 1,000,000 (tiny 4096)")
+    p.add_argument("--cov_batch", type=int, default=None, help="default 8 (tiny 4)")
+    p.add_argument("--cov_length", type=int, default=None, help="default 2048 (tiny 64)")
+    p.add_argument("--cov_layers_per_pass", type=int, default=None, help="default: all layers in one pass")
+    p.add_argument("--skip_cov", action="store_true", help="use a random SPD C0 instead of the corpus pass")
+    p.add_argument("--matmul", type=int, default=None, help="matmul size for the rate (default 8192; tiny 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json_out", default=None)
+    args = p.parse_args(argv)
+
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from edit_speed import jaxedit_value_flops
+    from jaxedit import editor, hparams, templates as jtemplates, values as jvalues
+    from llama3_flax import config, model
+
+    tiny = args.tiny
+    pick = lambda v, big, small: v if v is not None else (small if tiny else big)
+    n = pick(args.n, 1024, 8)
+    steps = pick(args.v_num_grad_steps, 25, 3)
+    chunk = pick(args.value_chunk, 64, 4)
+    cov_tokens, cov_batch = pick(args.cov_tokens, 1_000_000, 4096), pick(args.cov_batch, 8, 4)
+    cov_length, mm = pick(args.cov_length, 2048, 64), pick(args.matmul, 8192, 256)
+    cfg = config.tiny(num_hidden_layers=4, vocab_size=512) if tiny else config.llama3_8b("bfloat16")
+    layers_per_pass = args.cov_layers_per_pass or cfg.num_hidden_layers
+    device = jax.devices()[0]
+    res = {"device": str(device), "platform": device.platform, "config": "tiny" if tiny else "llama3_8b",
+           "dtype": cfg.dtype, "n": n, "layer": args.layer, "v_num_grad_steps": steps, "value_chunk": chunk,
+           "seconds": {}, "compile_seconds": {}}
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    init = model.init_params if tiny else jax.jit(model.init_params, static_argnums=0)  # on device at 8B scale
+    params = jax.block_until_ready(init(cfg, jax.random.PRNGKey(args.seed)))
+    res["seconds"]["init_params"] = time.perf_counter() - t0
+    log(f"params ready ({model.num_params(params) / 1e9:.2f}B) in {res['seconds']['init_params']:.1f}s")
+    tok = SyntheticTokenizer(cfg.vocab_size)
+    requests = synthetic_requests(n, args.seed)
+
+    # context templates (generation; the first call compiles)
+    spec = hparams.MEMIT_TEMPLATES
+    t0 = time.perf_counter()
+    jtemplates.generate_context_templates(params, cfg, tok, spec)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    g = jtemplates.generate_context_templates(params, cfg, tok, spec)
+    res["seconds"]["templates"] = time.perf_counter() - t0
+    res["compile_seconds"]["templates"] = max(0.0, first - res["seconds"]["templates"])
+
+    # C0 for all layers in one pass
+    if args.skip_cov:
+        f = cfg.intermediate_size
+        a = jax.random.normal(jax.random.PRNGKey(1), (f, 2 * f), jnp.float32)
+        C_all = {args.layer: a @ a.T / (2 * f)}
+        res["seconds"]["C0"] = None
+    else:
+        log(f"C0 of {cfg.num_hidden_layers} layers over {cov_tokens} tokens ({layers_per_pass} layers per pass) ...")
+        C_all, secs, comp, used = covariance_all_layers(params, cfg, cov_tokens, cov_batch, cov_length,
+                                                        layers_per_pass, args.seed)
+        res["seconds"]["C0_all_layers"], res["compile_seconds"]["C0"] = secs, comp
+        res["cov_tokens"] = used
+        res["C0_tokens_per_s"] = used / secs
+        log(f"  {secs:.1f}s ({used / secs:.0f} tokens/s), compile {comp:.1f}s")
+    C = {args.layer: C_all[args.layer]}
+    del C_all
+
+    hp0 = hparams.EditHparams(method=args.methods[0], layers=(args.layer,), templates=spec,
+                              value=hparams.ValueHparams(v_num_grad_steps=steps))
+    # values: compiled ahead of time for the chunk shapes, then timed
+    log(f"values for {n} requests in chunks of {chunk} ...")
+    comp, seen = 0.0, set()
+    for s in range(0, n, chunk):
+        b = jvalues.build_value_batch(tok, requests[s:s + chunk], jtemplates.flat(g))
+        width = jvalues.suffix_width(b)
+        key = (tuple(x.shape for x in jax.tree_util.tree_leaves(b)), width)
+        if key in seen:
+            continue
+        seen.add(key)
+        t0 = time.perf_counter()
+        jvalues.optimise_values.lower(params, cfg, b, jnp.int32(args.layer), hp0.value, "resid", width).compile()
+        comp += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vals = jax.block_until_ready(editor.edit_values(params, cfg, tok, requests, hp0, templates=g, chunk_size=chunk))
+    res["seconds"]["values"] = time.perf_counter() - t0
+    res["compile_seconds"]["values"] = comp
+    flops = 0
+    for s in range(0, n, chunk):
+        b = jvalues.build_value_batch(tok, requests[s:s + chunk], jtemplates.flat(g))
+        part = vals.steps[s:s + chunk]
+        flops += jaxedit_value_flops(cfg, args.layer, int(b.tokens.shape[0]), int(b.tokens.shape[1]),
+                                     jvalues.suffix_width(b), int(b.target_ids.shape[1]), len(part),
+                                     int(jnp.max(part)) + 1)["total"]
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    rate = matmul_rate(mm, dtype)
+    res["value_tflop"] = flops / 1e12
+    res["value_tflops_per_s"] = flops / res["seconds"]["values"] / 1e12
+    res["matmul_tflops_per_s"] = rate
+    res["matmul"] = f"{mm}x{mm} {jnp.dtype(dtype).name}"
+    res["mean_value_steps"] = float(jnp.mean(vals.steps))
+    log(f"  {res['seconds']['values']:.1f}s, {res['value_tflops_per_s']:.2f} TFLOP/s of {rate:.2f} (matmul)")
+
+    for m in args.methods:
+        hp = dataclasses.replace(hp0, method=m)
+        t0 = time.perf_counter()
+        _, first_rep = editor.edit(params, cfg, tok, requests, hp, covariances=C, templates=g, values=vals)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new, rep = editor.edit(params, cfg, tok, requests, hp, covariances=C, templates=g, values=vals)
+        jax.block_until_ready(new["layers"]["down_proj"])
+        res["seconds"][f"keys[{m}]"] = rep.seconds["keys"]
+        res["seconds"][f"solve[{m}]"] = rep.seconds["solve"]
+        res["compile_seconds"][f"keys+solve[{m}]"] = max(0.0, first - (time.perf_counter() - t0))
+        res[f"delta_norm[{m}]"] = rep.delta_norms[0]
+        res[f"solve_cond[{m}]"] = float(rep.solves[0].cond)
+        del new
+        log(f"{m}: keys {rep.seconds['keys']:.1f}s, solve {rep.seconds['solve']:.1f}s")
+    peak, how = peak_memory_bytes()
+    res["peak_memory_gib"], res["peak_memory_source"] = peak / 2 ** 30, how
+
+    print(f"\n{res['config']} ({cfg.dtype}) on {res['device']}: {n} synthetic requests at layer {args.layer}, "
+          f"{steps} value steps (mean steps run {res['mean_value_steps']:.1f}), value chunks of {chunk}")
+    print(f"| {'stage':<22} | {'seconds':>9} |")
+    print(f"|{'-' * 24}|{'-' * 11}|")
+    for k, v in res["seconds"].items():
+        if v is not None:
+            print(f"| {k:<22} | {v:>9.2f} |")
+    print("compile seconds (not in the table): " + ", ".join(f"{k} {v:.1f}" for k, v in res["compile_seconds"].items()))
+    for m in args.methods:
+        tot = res["seconds"]["values"] + res["seconds"][f"keys[{m}]"] + res["seconds"][f"solve[{m}]"]
+        print(f"{m}: keys + values + solve {tot:.1f}s ({tot / n * 1000:.1f} ms per request)")
+    print(f"value optimisation: {res['value_tflop']:.2f} TFLOP in {res['seconds']['values']:.2f}s = "
+          f"{res['value_tflops_per_s']:.2f} TFLOP/s; measured {res['matmul']} matmul {rate:.2f} TFLOP/s "
+          f"({100 * res['value_tflops_per_s'] / rate:.0f}%)")
+    if "cov_tokens" in res:
+        print(f"C0 of all {cfg.num_hidden_layers} layers: {res['cov_tokens']} tokens in "
+              f"{res['seconds']['C0_all_layers']:.1f}s ({res['C0_tokens_per_s']:.0f} tokens/s)")
+    print(f"peak memory {res['peak_memory_gib']:.2f} GiB ({how})")
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

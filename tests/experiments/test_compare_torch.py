@@ -1,0 +1,96 @@
+"""jaxedit against the compact PyTorch baseline on a tiny random model with a character tokenizer, and
+the GPU benchmark's CPU smoke test."""
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import compare_torch
+from jaxedit import covariance, hparams
+from jaxedit.requests import EditRequest
+from llama3_flax import config, model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class CharTokenizer:
+    """Characters as ids 3..127, BOS 1 first (so every subject boundary is a token boundary)."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, add_special_tokens=True, **_):
+        return {"input_ids": ([1] if add_special_tokens else []) + [3 + ord(c) % 125 for c in text]}
+
+
+REQUESTS = (
+    EditRequest(prompt="{} lives in", subject="Ada", target_new="Rome", target_true="Oslo", case_id=0,
+                paraphrase_prompts=("Where does Ada live? In",), neighborhood_prompts=("Bob lives in",)),
+    EditRequest(prompt="The sport of {} is", subject="Kim Lee", target_new="golf", target_true="judo", case_id=1,
+                paraphrase_prompts=("Kim Lee plays",), neighborhood_prompts=("The sport of Sam is",)),
+    EditRequest(prompt="{}, made by", subject="Zeta 5", target_new="Sony", target_true="Acme", case_id=2,
+                paraphrase_prompts=("Zeta 5 is a product of",), neighborhood_prompts=("Iota 2, made by",)),
+)
+TEMPLATES = (("{}",), ("Once upon a time. {}", "It was cold. {}"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = config.tiny(num_hidden_layers=3)
+    params = model.init_params(cfg, jax.random.PRNGKey(0), std=0.05)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 40), 3, cfg.vocab_size)
+    sums, count = covariance.covariance_pass(params, cfg, tokens, jnp.ones_like(tokens), jnp.asarray([1]))
+    return cfg, params, {1: sums[0] / count}
+
+
+def test_tiny_agreement(tiny):
+    cfg, params, C = tiny
+    value = hparams.ValueHparams(v_num_grad_steps=6)
+    hps = {m: hparams.EditHparams(method=m, layers=(1,), value=value, mom2_update_weight=w)
+           for m, w in (("memit", 10.0), ("emmet", 100.0))}
+    c = compare_torch.compare(params, cfg, CharTokenizer(), REQUESTS, hps, C, TEMPLATES, torch_threads=1,
+                              warmup=False, log=lambda *a: None)
+    a = c.agreement
+    assert a["keys L1"] < 1e-5
+    assert a["value init"] < 1e-5 and a["value delta"] < 1e-3
+    assert a["value steps equal (cases)"] == len(REQUESTS)
+    assert a["Delta W memit L1"] < 1e-2 and a["Delta W emmet L1"] < 1e-2
+    assert a["Delta W memit (same K, R)"] < 1e-5 and a["Delta W emmet (same K, R)"] < 1e-5
+    assert c.es_mismatch == {"memit": 0, "emmet": 0}
+    for m in ("memit", "emmet"):
+        assert c.metrics[f"{m} jaxedit"].es == c.metrics[f"{m} PyTorch"].es
+    assert set(c.seconds) >= {"values", "keys[memit]", "solve[emmet]", "total[memit]"}
+    text = compare_torch.format_report(c)
+    assert "Delta W emmet L1" in text and "ratio" in text and "memit PyTorch" in text
+
+
+def test_baseline_solves_match_the_papers_formulas():
+    from jaxedit import torch_baseline as tb
+
+    rng = np.random.default_rng(0)
+    f, d, n = 12, 5, 3
+    a = rng.normal(size=(f, 40))
+    C0, K, R = a @ a.T / 40, rng.normal(size=(f, n)), rng.normal(size=(d, n))
+    lam = 7.0
+    memit = R @ K.T @ np.linalg.inv(lam * C0 + K @ K.T)
+    np.testing.assert_allclose(tb.memit_solve(C0, K, R, lam).numpy(), memit, rtol=1e-10, atol=1e-12)
+    Ci = np.linalg.inv(lam * C0)
+    emmet = R @ np.linalg.inv(K.T @ Ci @ K + 0.1 * np.eye(n)) @ K.T @ Ci
+    np.testing.assert_allclose(tb.emmet_solve(C0, K, R, lam, 0.1).numpy(), emmet, rtol=1e-10, atol=1e-12)
+    # one edit: no ridge, (W + dW) k = W k + r exactly
+    dw = tb.emmet_solve(C0, K[:, :1], R[:, :1], lam, 0.1).numpy()
+    np.testing.assert_allclose(dw @ K[:, 0], R[:, 0], rtol=1e-10)
+
+
+def test_gpu_benchmark_tiny_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_llama3_8b", ROOT / "benchmarks" / "gpu_llama3_8b.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--tiny", "--n", "4", "--methods", "memit", "emmet", "--json_out", str(tmp_path / "r.json")])
+    assert out["config"] == "tiny" and out["n"] == 4
+    assert out["cov_tokens"] >= 4096 and out["value_tflop"] > 0 and out["peak_memory_gib"] > 0
+    for k in ("templates", "C0_all_layers", "values", "keys[memit]", "solve[emmet]"):
+        assert out["seconds"][k] >= 0
+    assert (tmp_path / "r.json").exists()
