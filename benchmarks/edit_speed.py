@@ -268,8 +268,33 @@ def part_c(ctx, args):
         for pair in (*c.rewrite_nll, *c.paraphrase_nll, *c.neighborhood_nll):
             ours.append(pair)
     diff = float(np.max(np.abs(np.asarray(ours) - nll_t)))
+    flops = scoring_flops(cfg, tok, triples)
     return {"cases": len(cases), "prompts": len(triples), "jaxedit": warm, "jaxedit_compile": max(0.0, first - warm),
-            "torch": t_torch, "max_abs_nll_diff": diff}
+            "torch": t_torch, "max_abs_nll_diff": diff, **flops}
+
+
+def scoring_flops(cfg, tok, triples, batch_size: int = 32, multiple: int = 8) -> dict:
+    """Forward FLOPs of scoring the (prompt, new, true) triples: jaxedit's padded buckets (dummy rows
+    included, unembedding at target slots only) vs one PyTorch forward per prompt (2 rows, logits at
+    every position)."""
+    from jaxedit import metrics, tokenize
+    from jaxedit import torch_baseline as tb
+
+    layer = lambda t: cfg.num_hidden_layers * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2))
+    unembed = 2 * cfg.hidden_size * cfg.vocab_size
+    pairs = list(dict.fromkeys((p, t) for p, new, true in triples for t in (new, true)))
+    enc = metrics.encode_pairs(tok, pairs)
+    slots = tokenize.bucket(max(len(e.target_ids) for e in enc), 4)
+    buckets = metrics.plan_buckets([e.length for e in enc], batch_size, multiple)
+    jax_f = sum(batch_size * b.width * layer(b.width) + unembed * batch_size * slots for b in buckets)
+    useful = sum(e.length * layer(e.length) + unembed * len(e.target_ids) for e in enc)
+    torch_f = 0
+    for p, new, true in triples:
+        n = len(tb._ids(tok, p))
+        t = n + max(len(tb.target_ids(tok, new)), len(tb.target_ids(tok, true)))
+        torch_f += 2 * t * (layer(t) + unembed)
+    return {"flops_jaxedit": jax_f, "flops_torch": torch_f, "flops_unpadded": useful, "buckets": len(buckets),
+            "rows_jaxedit": batch_size * len(buckets), "pairs": len(enc)}
 
 
 def part_d(ctx, args, a_res, b_res):
@@ -384,7 +409,11 @@ def main(argv=None):
                      [("PyTorch, one forward per prompt", c_res["torch"], c_res["prompts"] / c_res["torch"]),
                       ("jaxedit.metrics.evaluate (warm)", c_res["jaxedit"], c_res["prompts"] / c_res["jaxedit"]),
                       ("ratio PyTorch / jaxedit", c_res["torch"] / c_res["jaxedit"], "")], _num))
-        print(f"jaxedit compile {c_res['jaxedit_compile']:.1f}s")
+        print(f"jaxedit compile {c_res['jaxedit_compile']:.1f}s. Forward FLOPs: PyTorch {c_res['flops_torch'] / 1e12:.2f} "
+              f"TFLOP ({c_res['flops_torch'] / c_res['torch'] / 1e9:.0f} GFLOP/s), jaxedit "
+              f"{c_res['flops_jaxedit'] / 1e12:.2f} TFLOP ({c_res['flops_jaxedit'] / c_res['jaxedit'] / 1e9:.0f} GFLOP/s; "
+              f"{c_res['pairs']} pairs in {c_res['buckets']} buckets = {c_res['rows_jaxedit']} padded rows; "
+              f"{c_res['flops_unpadded'] / 1e12:.2f} TFLOP without padding)")
     if d_res:
         print(f"\n(d) value optimisation FLOPs vs the measured float32 matmul rate ({args.matmul}^2): "
               f"JAX {d_res['matmul_jax_gflops']:.1f} GFLOP/s, PyTorch {d_res['matmul_torch_gflops']:.1f} GFLOP/s")

@@ -19,6 +19,8 @@ OpenMP barriers make multi-threaded small matmuls an order of magnitude slower t
 benchmarks/forward_speed.py); --torch_threads changes it.
 
     python -m experiments.compare_torch --n=8 --methods=memit,emmet [--json_out=runs/compare_torch.json]
+    python -m experiments.compare_torch --hparams_file=EasyEdit/hparams/MEMIT/smollm2.yaml --n=8
+    python -m experiments.compare_torch --hparams_file=... --case_ids=381,... --edited_checkpoint=edited_hf_folder
 """
 from __future__ import annotations
 
@@ -225,27 +227,43 @@ def format_report(c: Comparison) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-def main(argv):
-    del argv
-    from absl import flags
+def _hparams(F, cfg):
+    """{method: EditHparams} from --hparams_file (an EasyEdit/reference file) or the preset."""
+    from jaxedit import hparams, interop
 
-    from jaxedit import counterfact, covariance, hparams, templates as jtemplates
-    from llama3_flax import checkpoint
-
-    F = flags.FLAGS
-    t0 = time.perf_counter()
-    cfg, params, tok = checkpoint.load_model(F.model)
-    requests = counterfact.load_counterfact(F.requests, n=F.n, seed=F.seed)
-    hps = {}
-    for m in F.methods:
-        hp = hparams.preset(F.preset, m)
+    if F.hparams_file:
+        method = interop.import_hparams(F.hparams_file, cfg=cfg).hparams.method
+        hp = interop.read_hparams(F.hparams_file, cfg=cfg, base=hparams.preset(F.preset, method))
+        pairs = [(method, hp)]
+    else:
+        pairs = [(m, hparams.preset(F.preset, m)) for m in F.methods]
+    out = {}
+    for m, hp in pairs:
         changes = {}
         if F.layer is not None:
             changes["layers"] = (F.layer,)
         if F.v_num_grad_steps is not None:
             changes["value"] = dataclasses.replace(hp.value, v_num_grad_steps=F.v_num_grad_steps)
-        hps[m] = hp.replace(**changes) if changes else hp
-    first = hps[F.methods[0]]
+        out[m] = hp.replace(**changes) if changes else hp
+    return out
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from jaxedit import counterfact, covariance, interop, templates as jtemplates
+    from llama3_flax import checkpoint
+
+    F = flags.FLAGS
+    t0 = time.perf_counter()
+    cfg, params, tok = checkpoint.load_model(F.model)
+    if F.case_ids:
+        requests = counterfact.load_counterfact(F.requests, ids=[int(i) for i in F.case_ids])
+    else:
+        requests = counterfact.load_counterfact(F.requests, n=F.n, seed=F.seed)
+    hps = _hparams(F, cfg)
+    first = next(iter(hps.values()))
     cache = Path(F.cache_dir)
     t1 = time.perf_counter()
     g = jtemplates.context_templates(params, cfg, tok, first.templates, cache_dir=cache)
@@ -257,6 +275,13 @@ def main(argv):
     t_cov = time.perf_counter() - t1
     print(f"model, requests, templates ({t_templates:.1f}s) and C0 ({t_cov:.1f}s, possibly cached) ready "
           f"in {time.perf_counter() - t0:.1f}s")
+    if F.edited_checkpoint:
+        # a checkpoint a PyTorch tool saved after editing these requests, against jaxedit's edit of them
+        new, report = editor.edit(params, cfg, tok, requests, first, covariances=C, templates=g)
+        print(report.summary())
+        c = interop.compare_checkpoint(params, cfg, F.edited_checkpoint, ours=new, tokenizer=tok, requests=requests)
+        print(c.format())
+        return
     c = compare(params, cfg, tok, requests, hps, C, g, torch_threads=F.torch_threads, warmup=F.warmup)
     c.meta.update(templates_seconds=t_templates, covariance_seconds=t_cov, model=F.model, seed=F.seed)
     print()
@@ -276,6 +301,11 @@ def _define_flags():
     flags.DEFINE_string("requests", "edit", "CounterFact source (see jaxedit.counterfact.load_requests)")
     flags.DEFINE_integer("n", 8, "number of requests")
     flags.DEFINE_integer("seed", 0, "request sampling seed")
+    flags.DEFINE_list("case_ids", None, "CounterFact case ids (instead of --n/--seed)")
+    flags.DEFINE_string("hparams_file", None, "an EasyEdit .yaml or reference .json hparams file (overrides "
+                        "--methods; fields the file lacks come from --preset)")
+    flags.DEFINE_string("edited_checkpoint", None, "an HF folder a PyTorch tool saved after editing the requests: "
+                        "compare it with the original and with jaxedit's edit instead of running the baseline")
     flags.DEFINE_list("methods", ["memit", "emmet"], "memit and/or emmet")
     flags.DEFINE_integer("layer", None, "edit this layer instead of the preset's")
     flags.DEFINE_integer("v_num_grad_steps", None, "override the value optimisation's step count")

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from llama3_flax.checkpoint import CheckpointError, load_hf_folder
+from llama3_flax.checkpoint import _LAYER_HF, CheckpointError, load_hf_folder
 from llama3_flax.config import LlamaConfig
 
 from .hparams import (MEMIT_TEMPLATES, ROME_TEMPLATES, CovarianceHparams, EditHparams, TemplateHparams,
@@ -479,12 +479,6 @@ class CheckpointComparison:
         return "\n".join(lines)
 
 
-_LAYER_HF = {
-    "input_layernorm": "input_layernorm.weight", "q_proj": "self_attn.q_proj.weight",
-    "k_proj": "self_attn.k_proj.weight", "v_proj": "self_attn.v_proj.weight",
-    "o_proj": "self_attn.o_proj.weight", "post_attention_layernorm": "post_attention_layernorm.weight",
-    "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight", "down_proj": "mlp.down_proj.weight",
-}
 _TOP_HF = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
 
@@ -577,7 +571,9 @@ def load_edited_checkpoint(folder: str | os.PathLike, cfg: LlamaConfig):
 
 
 def delta_agreement(original, theirs, ours, theirs_changes, ours_changes) -> tuple[DeltaAgreement, ...]:
-    """Per tensor changed by either edit: how their deltas compare."""
+    """Per tensor changed by either edit: how their deltas compare. Deltas are taken against the
+    unrounded original: a bfloat16 checkpoint stores round(W + dW), so its delta carries ~2^-9 |W|
+    of rounding (about 1e-2 of dW for a change of a quarter of W)."""
     refs = {n: (k, l, r) for n, k, l, r in _tensors(original)}
     t_refs = {n: r for n, _, _, r in _tensors(theirs)}
     o_refs = {n: r for n, _, _, r in _tensors(ours)}
