@@ -24,7 +24,8 @@ from experiments import common
 flags.DEFINE_string("layers", "all", "comma-separated layers to edit, or 'all'")
 flags.DEFINE_string("methods", "memit,rome", "comma-separated editors: rome, memit, emmet")
 flags.DEFINE_integer("n", 8, "single edits per cell")
-flags.DEFINE_integer("n_rome", None, "single edits per ROME cell (default --n; the first of the same cases)")
+flags.DEFINE_integer("n_rome", None, "single edits per ROME cell (default --n): the first n_rome of the "
+                     "max(n, n_rome) cases selected with --seed")
 common.define_common_flags("runs/layer_sweep.jsonl")
 FLAGS = flags.FLAGS
 
@@ -70,7 +71,9 @@ def main(argv):
                  len(layers) * len(methods), len(layers) * len(methods) - len(todo), len(todo), FLAGS.out)
     if not todo:
         return
-    cases = common.load_cases(FLAGS.counterfact, n=max(n_of.values()), seed=FLAGS.seed)
+    # One seeded selection of max(--n, --n_rome) cases whatever --methods is; a cell of n edits uses its
+    # first n, so runs with different --methods share cases.
+    cases = common.load_cases(FLAGS.counterfact, n=max(FLAGS.n, FLAGS.n_rome or 0), seed=FLAGS.seed)
     hp0 = common.hparams_from_flags(methods[0])
     cov = common.covariances(params, cfg, tok, sorted({l for _, l in todo}), hp0, FLAGS.cache_dir, FLAGS.corpus)
     groups = {m: common.templates(params, cfg, tok, common.hparams_from_flags(m), FLAGS.cache_dir) for m in methods}
