@@ -6,7 +6,11 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from llama3_flax.model import Capture, forward
+import functools
+
+import jax
+
+from llama3_flax.model import Capture, embed, run_layers
 
 from .requests import EditRequest
 from .tokenize import encode_prompt, pad_id, pad_right
@@ -60,6 +64,14 @@ def pad_rows(ids, last, pad: int, multiple: int = 8):
     return tokens, mask, last
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _capture(params, cfg, tokens, mask, layers, positions):
+    """Runs only the layers up to the last captured one (no later layers, no unembedding)."""
+    _, captured = run_layers(params, cfg, embed(params, tokens), mask, last_layer=jnp.max(layers),
+                             capture=Capture(layers=layers, positions=positions))
+    return captured
+
+
 def keys_at_layers(params, cfg, tokenizer, requests: Sequence[EditRequest], template_groups,
                    layers: Sequence[int]) -> jnp.ndarray:
     """Template-averaged keys (len(layers), n, F) in float32.
@@ -70,8 +82,8 @@ def keys_at_layers(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
     flat = [t for g in template_groups for t in g]
     ids, last = subject_rows(tokenizer, requests, flat)
     tokens, mask, last = pad_rows(ids, last, pad_id(tokenizer))
-    capture = Capture(layers=jnp.asarray(layers, jnp.int32), positions=jnp.asarray(last[:, None]))
-    _, captured = forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), capture=capture)
+    captured = _capture(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(layers, jnp.int32),
+                        jnp.asarray(last[:, None]))
     rows = captured.mlp_in[:, : len(ids), 0].astype(jnp.float32)  # (Lc, rows, F)
     avg = jnp.asarray(group_average_matrix(len(requests), template_groups))
     return jnp.einsum("nr,lrf->lnf", avg, rows)
@@ -81,7 +93,7 @@ def outputs_at_subject(params, cfg, tokenizer, requests: Sequence[EditRequest], 
     """(mlp_out (n, D), resid_out (n, D)) of `layer` at the subject's last token of each bare prompt."""
     ids, last = subject_rows(tokenizer, requests, ["{}"])
     tokens, mask, last = pad_rows(ids, last, pad_id(tokenizer))
-    capture = Capture(layers=jnp.asarray([layer], jnp.int32), positions=jnp.asarray(last[:, None]))
-    _, c = forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), capture=capture)
+    c = _capture(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray([layer], jnp.int32),
+                 jnp.asarray(last[:, None]))
     n = len(requests)
     return c.mlp_out[0, :n, 0].astype(jnp.float32), c.resid_out[0, :n, 0].astype(jnp.float32)
