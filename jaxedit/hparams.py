@@ -107,6 +107,9 @@ def _smollm2_135m(method: str) -> EditHparams:
                        mom2_update_weight=100.0 if method == "memit" else 15000.0)
 
 
+# Layer sweep on SmolLM2 (experiments/results/layer_sweep.md): ES and PS are 100 at layers 0-20 for
+# MEMIT and 0-16 for ROME, and the efficacy margin EM is largest (~98) at layers 0-5 while the
+# neighbourhood margin is least harmed there; as for Llama-3 in the paper, an early layer edits best.
 SMOLLM2_EDIT_LAYER = 3
 
 
