@@ -36,20 +36,13 @@ def main(argv):
     del argv
     from jaxedit import editor, metrics
 
-    methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
-    sizes = common.parse_int_list(FLAGS.batch_sizes)
-    common.init_jax()
-    cfg, params, tok = common.load_model(FLAGS.model)
-    hps = {m: common.hparams_from_flags(m, FLAGS.layer) for m in methods}
-    layer = hps[methods[0]].layers[0]
-    log = common.ResultsLog(FLAGS.out)
-    todo = [(m, b) for b in sizes for m in methods if not log.is_finished(cell_key(m, layer, b))]
-    logging.info("batch sweep at layer %d: %d cells to run (%d done) -> %s", layer, len(todo),
-                 len(sizes) * len(methods) - len(todo), FLAGS.out)
+    plan = common.plan_batch_size_sweep(FLAGS, cell_key, "batch sweep")
+    cfg, params, tok, hps, layer, log, todo = (plan.cfg, plan.params, plan.tok, plan.hps, plan.layer, plan.log,
+                                               plan.todo)
     if not todo:
         return
     cases = common.load_cases(FLAGS.counterfact, n=max(b for _, b in todo), seed=FLAGS.seed)
-    cov = common.covariances(params, cfg, tok, [layer], hps[methods[0]], FLAGS.cache_dir, FLAGS.corpus)
+    cov = common.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
     value_cache = common.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
     before_cache: dict[int, dict] = {}
     for method, b in tqdm(todo, desc="batch sweep cells"):

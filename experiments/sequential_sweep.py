@@ -72,20 +72,14 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: com
 
 def main(argv):
     del argv
-    methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
-    sizes = common.parse_int_list(FLAGS.batch_sizes)
-    common.init_jax()
-    cfg, params, tok = common.load_model(FLAGS.model)
-    hps = {m: common.hparams_from_flags(m, FLAGS.layer) for m in methods}
-    layer = hps[methods[0]].layers[0]
-    log = common.ResultsLog(FLAGS.out)
-    todo = [(m, b) for b in sizes for m in methods if not log.is_finished(cell_key(m, layer, b))]
-    logging.info("sequential-batched sweep at layer %d, %d edits per cell: %d cells to run (%d done) -> %s",
-                 layer, FLAGS.total, len(todo), len(sizes) * len(methods) - len(todo), FLAGS.out)
+    plan = common.plan_batch_size_sweep(FLAGS, cell_key, "sequential-batched sweep",
+                                        f", {FLAGS.total} edits per cell")
+    cfg, params, tok, hps, layer, log, todo = (plan.cfg, plan.params, plan.tok, plan.hps, plan.layer, plan.log,
+                                               plan.todo)
     if not todo:
         return
     cases = common.load_cases(FLAGS.counterfact, n=FLAGS.total, seed=FLAGS.seed)
-    cov = common.covariances(params, cfg, tok, [layer], hps[methods[0]], FLAGS.cache_dir, FLAGS.corpus)
+    cov = common.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
     for method, b in tqdm(todo, desc="sequential sweep cells"):
         hp = hps[method]
         groups = common.templates(params, cfg, tok, hp, FLAGS.cache_dir)
