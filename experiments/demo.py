@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from jaxedit import editor, metrics
+    from jaxedit import editor, metrics, pm
     from llama3_flax import generate
 
     t_start = time.perf_counter()
@@ -46,6 +46,7 @@ def main(argv):
         print(f"  [{r.case_id}] {r.filled_prompt!r}: {r.target_true} -> {r.target_new}")
 
     cov = common.covariances(params, cfg, tok, [layer], hps[methods[0]], FLAGS.cache_dir, progress=False)
+    cov = {l: pm.factor_preservation(c) for l, c in cov.items()}  # factor C0 once, not once per edit
     values = common.ValueCache(params, cfg, tok, FLAGS.cache_dir)
     before = metrics.evaluate(params, cfg, tok, cases)
     rows, edited = {"unedited": before.aggregate}, {}
