@@ -140,7 +140,6 @@ def _num(i, v):
 
 def value_batch_shape(tokenizer, requests, templates):
     """(rows, t, width, target_slots, n) of jaxedit's value batch for these requests."""
-    import numpy as np
 
     from jaxedit import values as jvalues
     from jaxedit.templates import flat
@@ -209,7 +208,6 @@ def part_a(ctx, args):
 def part_b(ctx, args, a_res):
     """MEMIT at the largest batch: jaxedit end to end vs the PyTorch baseline."""
     import numpy as np
-    import torch
 
     from experiments.compare_torch import jaxedit_edit, jaxedit_values
     from jaxedit import torch_baseline as tb

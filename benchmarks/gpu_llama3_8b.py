@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import sys
@@ -87,7 +86,6 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 def matmul_rate(n: int, dtype) -> float:
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
@@ -160,7 +158,6 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from edit_speed import jaxedit_value_flops
     from jaxedit import editor, hparams, templates as jtemplates, values as jvalues

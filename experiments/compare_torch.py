@@ -76,10 +76,8 @@ def jaxedit_edit(params, cfg, tokenizer, requests, hp, covariances, templates, v
     edit runs twice and the second (warm) run is reported."""
     compile_s = 0.0
     if warmup:
-        t0 = time.perf_counter()
         _, first = editor.edit(params, cfg, tokenizer, requests, hp, covariances=covariances,
                                templates=templates, values=vals)
-        first_s = time.perf_counter() - t0
     new, report = editor.edit(params, cfg, tokenizer, requests, hp, covariances=covariances,
                               templates=templates, values=vals)
     if warmup:

@@ -42,7 +42,7 @@ import numpy as np
 from llama3_flax.checkpoint import _LAYER_HF, CheckpointError, load_hf_folder
 from llama3_flax.config import LlamaConfig
 
-from .hparams import (MEMIT_TEMPLATES, ROME_TEMPLATES, CovarianceHparams, EditHparams, TemplateHparams,
+from .hparams import (MEMIT_TEMPLATES, ROME_TEMPLATES, EditHparams,
                       ValueHparams)
 
 
