@@ -39,6 +39,16 @@ LABEL = {"es": "Efficacy score (ES)", "ps": "Paraphrase score (PS)", "ns": "Neig
 NAME = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
 
 
+def _style_panel(ax, title: str, xlabel: str, log_x: bool = False, **title_kw):
+    """The look shared by every panel: percent axis, grid, optional log2 x axis."""
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_title(title, **title_kw)
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+
+
 def _f(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
@@ -96,10 +106,7 @@ def layer_sweep(records, out_dir: Path) -> str:
         for label in dict.fromkeys(_label(c["key"], many) for c in cells):
             mine = [c for c in cells if _label(c["key"], many) == label]
             ax.plot([c["key"]["layer"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
-        ax.set_title(LABEL[k])
-        ax.set_xlabel("edit layer")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, LABEL[k], "edit layer")
     axes[0].legend()
     fig.suptitle("Single edits by layer (N per cell in layer_sweep.md)")
     fig.tight_layout()
@@ -137,11 +144,7 @@ def batch_sweep(records, out_dir: Path) -> str:
         for label in dict.fromkeys(_label(c["key"], many) for c in cells):
             mine = [c for c in cells if _label(c["key"], many) == label]
             ax.plot([c["key"]["batch_size"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_title(LABEL[k])
-        ax.set_xlabel("batch size")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, LABEL[k], "batch size", log_x=True)
     axes[0].legend()
     fig.suptitle("Batch editing: MEMIT vs EMMET")
     fig.tight_layout()
@@ -194,10 +197,7 @@ def sequential_sweep(records, out_dir: Path) -> str:
                 bs = batches[k]
                 ax.plot([b["edits_so_far"] for b in bs], [_nan(b["after_batch"][m]) for b in bs], "o-",
                         ms=3, label=f"B={cells[k]['key']['batch_size']}")
-            ax.set_title(f"{label}: {LABEL[m]}\n(right after each batch)", fontsize=9)
-            ax.set_xlabel("edits so far")
-            ax.set_ylim(-3, 103)
-            ax.grid(alpha=0.3)
+            _style_panel(ax, f"{label}: {LABEL[m]}\n(right after each batch)", "edits so far", fontsize=9)
         axes[row][0].legend(fontsize=8)
     for col, m in enumerate(PLOTTED):
         ax = axes[-1][col]
@@ -205,11 +205,7 @@ def sequential_sweep(records, out_dir: Path) -> str:
             mine = [k for k in keys if _label(cells[k]["key"], many) == label]
             ax.plot([cells[k]["key"]["batch_size"] for k in mine], [_nan(cells[k]["final_all"][m]) for k in mine],
                     "o-", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{LABEL[m]}\n(after all edits, over all edits)", fontsize=9)
-        ax.set_xlabel("batch size")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, f"{LABEL[m]}\n(after all edits, over all edits)", "batch size", log_x=True, fontsize=9)
     axes[-1][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "sequential_sweep.png", dpi=100)

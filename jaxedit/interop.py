@@ -196,6 +196,15 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
     def problem(name, why):
         problems.append(f"{name}={data.get(name)!r} ({why})")
 
+    def number(name, kind):
+        """data[name] as a number of `kind`, marking it used; None (and a recorded problem) if not one."""
+        used.add(name)
+        try:
+            return _number(name, data[name], kind)
+        except UnsupportedHparams as e:
+            problems.append(str(e))
+            return None
+
     # --- checked-only fields
     for name, (wanted, why) in _REQUIRED_VALUES.items():
         if name in data:
@@ -234,22 +243,13 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
                                                      templates=ROME_TEMPLATES if m == "rome" else MEMIT_TEMPLATES)
     value_changes = {}
     for name, kind in _VALUE_FIELDS.items():
-        if name in data:
-            used.add(name)
-            try:
-                value_changes[name] = _number(name, data[name], kind)
-            except UnsupportedHparams as e:
-                problems.append(str(e))
-    if "v_loss_layer" in data:
-        used.add("v_loss_layer")
-        try:
-            loss_layer = _number("v_loss_layer", data["v_loss_layer"], int)
-            if loss_layer != -1 and num_layers is not None and loss_layer != num_layers - 1:
-                problem("v_loss_layer", f"only the last layer ({num_layers - 1}) is supported as the loss layer")
-            else:
-                value_changes["v_loss_layer"] = -1 if num_layers is not None else loss_layer
-        except UnsupportedHparams as e:
-            problems.append(str(e))
+        if name in data and (value := number(name, kind)) is not None:
+            value_changes[name] = value
+    if "v_loss_layer" in data and (loss_layer := number("v_loss_layer", int)) is not None:
+        if loss_layer != -1 and num_layers is not None and loss_layer != num_layers - 1:
+            problem("v_loss_layer", f"only the last layer ({num_layers - 1}) is supported as the loss layer")
+        else:
+            value_changes["v_loss_layer"] = -1 if num_layers is not None else loss_layer
 
     # --- covariance
     cov_changes = {}
@@ -257,39 +257,25 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
         used.add("mom2_dataset")
         ds = str(data["mom2_dataset"])
         cov_changes["corpus"] = MOM2_DATASETS.get(ds, ds)
-    if "mom2_n_samples" in data:
-        used.add("mom2_n_samples")
-        try:
-            cov_changes["n_samples"] = _number("mom2_n_samples", data["mom2_n_samples"], int)
-        except UnsupportedHparams as e:
-            problems.append(str(e))
+    if "mom2_n_samples" in data and (n_samples := number("mom2_n_samples", int)) is not None:
+        cov_changes["n_samples"] = n_samples
 
     # --- solve
     top = {}
-    if "mom2_update_weight" in data:
-        used.add("mom2_update_weight")
-        try:
-            w = _number("mom2_update_weight", data["mom2_update_weight"], float)
-            if w <= 0:
-                problem("mom2_update_weight", "must be positive")
-            elif m == "rome":
-                ignored.append("mom2_update_weight")  # ROME's rank-one update does not depend on C0's scale
-            else:
-                top["mom2_update_weight"] = w
-        except UnsupportedHparams as e:
-            problems.append(str(e))
-    if "emmet_lambda" in data:
-        used.add("emmet_lambda")
-        try:
-            lam = _number("emmet_lambda", data["emmet_lambda"], float)
-            if lam < 0:
-                problem("emmet_lambda", "must be >= 0")
-            elif m == "emmet":
-                top["emmet_lambda"] = lam
-            else:
-                ignored.append("emmet_lambda")
-        except UnsupportedHparams as e:
-            problems.append(str(e))
+    if "mom2_update_weight" in data and (w := number("mom2_update_weight", float)) is not None:
+        if w <= 0:
+            problem("mom2_update_weight", "must be positive")
+        elif m == "rome":
+            ignored.append("mom2_update_weight")  # ROME's rank-one update does not depend on C0's scale
+        else:
+            top["mom2_update_weight"] = w
+    if "emmet_lambda" in data and (lam := number("emmet_lambda", float)) is not None:
+        if lam < 0:
+            problem("emmet_lambda", "must be >= 0")
+        elif m == "emmet":
+            top["emmet_lambda"] = lam
+        else:
+            ignored.append("emmet_lambda")
 
     # --- templates
     templates = base.templates
