@@ -49,22 +49,23 @@ def attention_flops_per_token(cfg, context: int) -> int:
     return 4 * cfg.num_attention_heads * cfg.head_dim * context
 
 
-def jaxedit_value_flops(cfg, layer: int, rows: int, t: int, width: int, target_slots: int, n: int,
-                        iterations: int) -> dict:
-    """FLOPs of jaxedit.values.optimise_values for one chunk.
+def jaxedit_value_flops(cfg, layer: int, shape: dict, iterations: int) -> dict:
+    """FLOPs of jaxedit.values.optimise_values for one chunk of `value_batch_shape`'s shape.
 
-    rows x t: the padded token batch; width: slots recomputed per step (from the subject's last token);
-    target_slots: scored slots per row; n: requests; iterations: while-loop iterations (= the most
-    loss evaluations of any request). Each iteration runs `width` slots of every row through the layers
-    after `layer` over a cache of t + width slots, unembeds the scored slots, and back-propagates to the
-    delta (activation gradients only: about the forward's FLOPs again). Once: a pass over all tokens
-    through every layer (prefix up to `layer`, cache fill after it) and the reference KL pass.
+    rows x t: the padded token batch; slots: token slots recomputed per step (the rows' suffixes from
+    the subject's last token, packed into lanes); cache: key slots per lane; target_slots: scored slots
+    per row; n: requests; iterations: while-loop iterations (= the most loss evaluations of any
+    request). Each iteration runs the recomputed slots through the layers after `layer` over the
+    cache, unembeds the scored slots, and back-propagates to the delta (activation gradients only:
+    about the forward's FLOPs again). Once: a pass over all tokens through every layer (prefix up to
+    `layer`, cache fill after it) and the reference KL pass.
     """
     after = cfg.num_hidden_layers - 1 - layer
     unembed = 2 * cfg.hidden_size * cfg.vocab_size
-    tokens = rows * width
-    forward = (tokens * after * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t + width))
-               + unembed * (rows * target_slots + n))
+    rows, t = shape["rows"], shape["t"]
+    forward = (shape["slots"] * after * (linear_flops_per_token(cfg)
+                                         + attention_flops_per_token(cfg, shape["cache"]))
+               + unembed * (shape["target_slots"] + shape["n"]))
     once = (rows * t * cfg.num_hidden_layers * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2))
             + forward)
     return {"per_iteration": 2 * forward, "once": once, "total": once + iterations * 2 * forward}
@@ -138,15 +139,15 @@ def _num(i, v):
     return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2g}"
 
 
-def value_batch_shape(tokenizer, requests, templates):
-    """(rows, t, width, target_slots, n) of jaxedit's value batch for these requests."""
+def value_batch_shape(tokenizer, requests, templates) -> dict:
+    """The sizes of jaxedit's value batch for these requests (see jaxedit_value_flops)."""
 
     from jaxedit import values as jvalues
     from jaxedit.templates import flat
 
     b = jvalues.build_value_batch(tokenizer, requests, flat(templates))
-    return (int(b.tokens.shape[0]), int(b.tokens.shape[1]), jvalues.suffix_width(b), int(b.target_ids.shape[1]),
-            len(requests))
+    return {"rows": int(b.tokens.shape[0]), "t": int(b.tokens.shape[1]), "slots": b.lanes.tokens,
+            "cache": int(b.lanes.cache_row.shape[1]), "target_slots": int(b.target_ids.shape[0]), "n": len(requests)}
 
 
 def torch_value_rows(tokenizer, request, templates):
@@ -271,10 +272,10 @@ def part_c(ctx, args):
             "torch": t_torch, "max_abs_nll_diff": diff, **flops}
 
 
-def scoring_flops(cfg, tok, triples, batch_size: int = 32, multiple: int = 8) -> dict:
-    """Forward FLOPs of scoring the (prompt, new, true) triples: jaxedit's padded buckets (dummy rows
-    included, unembedding at target slots only) vs one PyTorch forward per prompt (2 rows, logits at
-    every position)."""
+def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) -> dict:
+    """Forward FLOPs of scoring the (prompt, new, true) triples: jaxedit's packed prefix-tree rows
+    (padding rows of the last call included, unembedding where a target token is predicted) vs one
+    PyTorch forward per prompt (2 rows, logits at every position)."""
     from jaxedit import metrics, tokenize
     from jaxedit import torch_baseline as tb
 
@@ -282,17 +283,23 @@ def scoring_flops(cfg, tok, triples, batch_size: int = 32, multiple: int = 8) ->
     unembed = 2 * cfg.hidden_size * cfg.vocab_size
     pairs = list(dict.fromkeys((p, t) for p, new, true in triples for t in (new, true)))
     enc = metrics.encode_pairs(tok, pairs)
-    slots = tokenize.bucket(max(len(e.target_ids) for e in enc), 4)
-    buckets = metrics.plan_buckets([e.length for e in enc], batch_size, multiple)
-    jax_f = sum(batch_size * b.width * layer(b.width) + unembed * batch_size * slots for b in buckets)
-    useful = sum(e.length * layer(e.length) + unembed * len(e.target_ids) for e in enc)
+    seqs = [e.prompt_ids + e.target_ids[:-1] for e in enc]
+    width = max(row_width, tokenize.bucket(max(len(q) for q in seqs), 8))
+    rows, _ = metrics.pack_token_trees(seqs, width)
+    calls = [min(batch_size, len(rows) - s) for s in range(0, len(rows), batch_size)]
+    padded_rows = sum(min(batch_size, tokenize.bucket(c, 2)) for c in calls)
+    targets = sum(len(e.target_ids) for e in enc)
+    jax_f = padded_rows * width * layer(width) + unembed * targets
+    tree_tokens = sum(len(r.tokens) for r in rows)
     torch_f = 0
     for p, new, true in triples:
         n = len(tb._ids(tok, p))
         t = n + max(len(tb.target_ids(tok, new)), len(tb.target_ids(tok, true)))
         torch_f += 2 * t * (layer(t) + unembed)
-    return {"flops_jaxedit": jax_f, "flops_torch": torch_f, "flops_unpadded": useful, "buckets": len(buckets),
-            "rows_jaxedit": batch_size * len(buckets), "pairs": len(enc)}
+    return {"flops_jaxedit": jax_f, "flops_torch": torch_f, "rows": len(rows), "rows_jaxedit": padded_rows,
+            "pairs": len(enc), "tree_tokens": tree_tokens, "pair_tokens": sum(len(q) for q in seqs) + len(seqs),
+            "torch_tokens": sum(2 * (len(tb._ids(tok, p)) + max(len(tb.target_ids(tok, a)), len(tb.target_ids(tok, b))))
+                                for p, a, b in triples)}
 
 
 def part_d(ctx, args, a_res, b_res):
@@ -302,9 +309,8 @@ def part_d(ctx, args, a_res, b_res):
     rows = []
     if a_res is not None:
         for b, r in a_res["batches"].items():
-            rows_, t, width, tt, n = r["shape"]
-            iters = max(r["steps"]) + 1
-            fl = jaxedit_value_flops(cfg, layer, rows_, t, width, tt, n, iters)
+            n = r["shape"]["n"]
+            fl = jaxedit_value_flops(cfg, layer, r["shape"], max(r["steps"]) + 1)
             rows.append({"who": f"jaxedit batch {b}", "tflop": fl["total"] / 1e12, "seconds": r["values"],
                          "gflops": fl["total"] / r["values"] / 1e9, "per_request_tflop": fl["total"] / n / 1e12})
     if b_res is not None:
@@ -407,11 +413,13 @@ def main(argv=None):
                      [("PyTorch, one forward per prompt", c_res["torch"], c_res["prompts"] / c_res["torch"]),
                       ("jaxedit.metrics.evaluate (warm)", c_res["jaxedit"], c_res["prompts"] / c_res["jaxedit"]),
                       ("ratio PyTorch / jaxedit", c_res["torch"] / c_res["jaxedit"], "")], _num))
-        print(f"jaxedit compile {c_res['jaxedit_compile']:.1f}s. Forward FLOPs: PyTorch {c_res['flops_torch'] / 1e12:.2f} "
-              f"TFLOP ({c_res['flops_torch'] / c_res['torch'] / 1e9:.0f} GFLOP/s), jaxedit "
-              f"{c_res['flops_jaxedit'] / 1e12:.2f} TFLOP ({c_res['flops_jaxedit'] / c_res['jaxedit'] / 1e9:.0f} GFLOP/s; "
-              f"{c_res['pairs']} pairs in {c_res['buckets']} buckets = {c_res['rows_jaxedit']} padded rows; "
-              f"{c_res['flops_unpadded'] / 1e12:.2f} TFLOP without padding)")
+        print(f"jaxedit compile {c_res['jaxedit_compile']:.1f}s. Tokens run: PyTorch {c_res['torch_tokens']} "
+              f"(2 rows per prompt, padded to the longer target); one sequence per pair {c_res['pair_tokens']}; "
+              f"jaxedit's prefix trees {c_res['tree_tokens']} in {c_res['rows']} rows "
+              f"({c_res['rows_jaxedit']} with the last call's padding rows). Forward FLOPs: PyTorch "
+              f"{c_res['flops_torch'] / 1e12:.2f} TFLOP ({c_res['flops_torch'] / c_res['torch'] / 1e9:.0f} GFLOP/s), "
+              f"jaxedit {c_res['flops_jaxedit'] / 1e12:.2f} TFLOP "
+              f"({c_res['flops_jaxedit'] / c_res['jaxedit'] / 1e9:.0f} GFLOP/s)")
     if d_res:
         print(f"\n(d) value optimisation FLOPs vs the measured float32 matmul rate ({args.matmul}^2): "
               f"JAX {d_res['matmul_jax_gflops']:.1f} GFLOP/s, PyTorch {d_res['matmul_torch_gflops']:.1f} GFLOP/s")

@@ -159,7 +159,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from edit_speed import jaxedit_value_flops
+    from edit_speed import jaxedit_value_flops, value_batch_shape
     from jaxedit import editor, hparams, templates as jtemplates, values as jvalues
     from llama3_flax import config, model
 
@@ -220,13 +220,12 @@ def main(argv=None):
     comp, seen = 0.0, set()
     for s in range(0, n, chunk):
         b = jvalues.build_value_batch(tok, requests[s:s + chunk], jtemplates.flat(g))
-        width = jvalues.suffix_width(b)
-        key = (tuple(x.shape for x in jax.tree_util.tree_leaves(b)), width)
+        key = tuple(x.shape for x in jax.tree_util.tree_leaves(b))
         if key in seen:
             continue
         seen.add(key)
         t0 = time.perf_counter()
-        jvalues.optimise_values.lower(params, cfg, b, jnp.int32(args.layer), hp0.value, "resid", width).compile()
+        jvalues.optimise_values.lower(params, cfg, b, jnp.int32(args.layer), hp0.value, "resid").compile()
         comp += time.perf_counter() - t0
     t0 = time.perf_counter()
     vals = jax.block_until_ready(editor.edit_values(params, cfg, tok, requests, hp0, templates=g, chunk_size=chunk))
@@ -234,11 +233,9 @@ def main(argv=None):
     res["compile_seconds"]["values"] = comp
     flops = 0
     for s in range(0, n, chunk):
-        b = jvalues.build_value_batch(tok, requests[s:s + chunk], jtemplates.flat(g))
         part = vals.steps[s:s + chunk]
-        flops += jaxedit_value_flops(cfg, args.layer, int(b.tokens.shape[0]), int(b.tokens.shape[1]),
-                                     jvalues.suffix_width(b), int(b.target_ids.shape[1]), len(part),
-                                     int(jnp.max(part)) + 1)["total"]
+        shape = value_batch_shape(tok, requests[s:s + chunk], g)
+        flops += jaxedit_value_flops(cfg, args.layer, shape, int(jnp.max(part)) + 1)["total"]
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     rate = matmul_rate(mm, dtype)
     res["value_tflop"] = flops / 1e12

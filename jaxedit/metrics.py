@@ -3,10 +3,12 @@
 Scoring. A (prompt, target) pair is scored by the mean per-token negative log-likelihood of the target
 tokens teacher-forced after the prompt: sequence = encode_prompt(prompt) (BOS kept if the tokenizer
 adds one) + encode_target(target) (leading space, never a BOS), and the NLL of target token j is read
-from the logits at the position before it. All pairs of a call are sorted by length, cut into buckets
-of a padded width (a multiple of `multiple`) and a fixed batch size (dummy rows fill the last batch),
-so only a few shapes are ever compiled; the unembedding is applied only at the target positions,
-never to the whole (B, T, V) sequence.
+from the logits at the position before it. Scoring packs all sequences of a call into rows of
+`row_width` tokens as prefix trees (pack_token_trees): sequences sharing leading tokens (the two
+targets of one prompt, prompts of one relation) share those tokens' computation, a tree-shaped
+attention mask keeps every token to its own ancestors, and no row is padded to the longest
+sequence. Rows go to the model `batch_size` at a time; the unembedding is applied only where a
+target token is predicted, never to the whole (B, T, V) sequence.
 
 Per case (all numbers in percent, as the papers report them; "new wins" = NLL(new) < NLL(true),
 i.e. the higher mean-token probability, the reference's comparison):
@@ -34,8 +36,6 @@ from llama3_flax.config import LlamaConfig
 
 from . import tokenize
 from .requests import EditRequest
-
-_TARGET_SLOT_MULTIPLE = 4
 
 
 # =============================================================================== pure scoring maths
@@ -73,43 +73,23 @@ def sequence_target_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.A
     return mean_target_nll(logits[:, :-1], tokens[:, 1:], target_mask[:, 1:])
 
 
-def target_slots(target_mask: jax.Array, n_slots: int) -> tuple[jax.Array, jax.Array]:
-    """The positions of the target tokens of each row, in order, in n_slots fixed slots.
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def score_tree_rows(params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, ends: jax.Array,
+                    score_tok: jax.Array, score_ids: jax.Array) -> jax.Array:
+    """Token NLLs read from rows of packed prefix trees.
 
     Args:
-      target_mask: (B, T) 1 at target tokens.
-      n_slots: P, at least the largest number of target tokens in a row.
+      tokens, positions, ends: (R, W) token ids, RoPE positions (depth in the tree) and subtree ends
+        (see pack_token_trees; 0 marks padding).
+      score_tok, score_ids: (M,) flat token index (row * W + slot) whose output predicts a token, and
+        that token's id.
     Returns:
-      positions (B, P) int32 (0 in unused slots) and valid (B, P) bool.
+      (M,) float32 -log p(score_ids | the predicting token's ancestors).
     """
-    b, t = target_mask.shape
-    order = jnp.argsort(1 - target_mask.astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
-    if n_slots > t:
-        order = jnp.pad(order, ((0, 0), (0, n_slots - t)))
-    positions = order[:, :n_slots]
-    valid = jnp.arange(n_slots)[None, :] < jnp.sum(target_mask, axis=1, keepdims=True)
-    return jnp.where(valid, positions, 0), valid
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "n_slots"))
-def score_batch(params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Array, target_mask: jax.Array,
-                n_slots: int) -> jax.Array:
-    """Mean target NLL of each row of a right-padded batch, unembedding only at target positions.
-
-    Args:
-      tokens, mask: (B, T) right-padded prompt+target ids and padding mask.
-      target_mask: (B, T) 1 at target tokens (a subset of the mask, never position 0).
-      n_slots: static P >= the most target tokens of any row.
-    Returns:
-      (B,) float32 (0 for rows without target tokens, e.g. dummy rows).
-    """
-    h, _ = lm_model.run_layers(params, cfg, lm_model.embed(params, tokens), mask)
-    positions, valid = target_slots(target_mask, n_slots)
-    before = jnp.clip(positions - 1, 0, tokens.shape[1] - 1)
-    h_before = jnp.take_along_axis(h, before[..., None], axis=1)          # (B, P, D)
-    logits = lm_model.logits_from_hidden(params, cfg, h_before)           # (B, P, V)
-    ids = jnp.take_along_axis(tokens, positions, axis=1)                  # (B, P)
-    return mean_target_nll(logits, ids, valid)
+    h, _ = lm_model.run_layers(params, cfg, lm_model.embed(params, tokens), (ends > 0).astype(jnp.int32),
+                               positions=positions, key_ends=ends)
+    h = h.reshape(-1, h.shape[-1])[score_tok]
+    return token_nll(lm_model.logits_from_hidden(params, cfg, h), score_ids)
 
 
 # ========================================================================================= batching
@@ -166,19 +146,48 @@ def plan_buckets(lengths: Sequence[int], batch_size: int, multiple: int = 8) -> 
                  for width, idx in sorted(by_width.items()) for s in range(0, len(idx), batch_size))
 
 
-def build_batch(encoded: Sequence[EncodedPair], bucket: Bucket, batch_size: int, pad_id: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, mask, target_mask), each (batch_size, width) int32; rows past the bucket are dummies
-    (all-zero mask and target mask)."""
-    seqs = [encoded[i].prompt_ids + encoded[i].target_ids for i in bucket.indices]
-    seqs += [(pad_id,)] * (batch_size - len(seqs))
-    tokens, mask = tokenize.pad_right(seqs, pad_id, width=bucket.width)
-    target_mask = np.zeros_like(mask)
-    for row, i in enumerate(bucket.indices):
-        start = len(encoded[i].prompt_ids)
-        target_mask[row, start:start + len(encoded[i].target_ids)] = 1
-    mask[len(bucket.indices):] = 0
-    return tokens, mask, target_mask
+@dataclasses.dataclass(frozen=True)
+class TreeRow:
+    """One row of packed prefix trees, in depth-first order: token ids, depths (RoPE positions) and
+    the slot just after each token's subtree (a token sees exactly its ancestors and itself)."""
+
+    tokens: tuple[int, ...]
+    depths: tuple[int, ...]
+    ends: tuple[int, ...]
+
+
+def pack_token_trees(seqs: Sequence[Sequence[int]], width: int) -> tuple[list[TreeRow], list[tuple[int, tuple[int, ...]]]]:
+    """Packs token sequences into rows of at most `width` tokens, as prefix trees.
+
+    Sequences are sorted, so each shares its longest common prefix with the one before it; only the
+    tokens after that prefix are added. In sorted order the new tokens land in depth-first order,
+    so a token's subtree is the slot range [slot, end) and attention needs only each key's end.
+    Returns the rows and, per sequence, (row, slot of each of its tokens).
+    """
+    if any(len(s) > width for s in seqs):
+        raise ValueError(f"a sequence of {max(len(s) for s in seqs)} tokens does not fit rows of width {width}")
+    rows: list[dict] = []
+    paths: list = [None] * len(seqs)
+    prev: tuple[int, ...] = ()
+    prev_path: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: tuple(seqs[i])):
+        seq = tuple(seqs[i])
+        shared = 0
+        while shared < min(len(seq), len(prev)) and seq[shared] == prev[shared]:
+            shared += 1
+        if not rows or len(rows[-1]["tokens"]) + len(seq) - shared > width:
+            rows.append({"tokens": [], "depths": [], "ends": []})
+            shared = 0
+        row = rows[-1]
+        path = prev_path[:shared] + list(range(len(row["tokens"]), len(row["tokens"]) + len(seq) - shared))
+        row["tokens"] += seq[shared:]
+        row["depths"] += range(shared, len(seq))
+        row["ends"] += [0] * (len(seq) - shared)
+        for slot in path:  # every token of the path has this sequence's last token in its subtree
+            row["ends"][slot] = max(row["ends"][slot], path[-1] + 1)
+        paths[i] = (len(rows) - 1, tuple(path))
+        prev, prev_path = seq, path
+    return [TreeRow(tuple(r["tokens"]), tuple(r["depths"]), tuple(r["ends"])) for r in rows], paths
 
 
 def _progress(items, enabled: bool | None, desc: str, threshold: int = 8):
@@ -190,35 +199,50 @@ def _progress(items, enabled: bool | None, desc: str, threshold: int = 8):
     return items
 
 
-def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], pad_id: int,
-                  batch_size: int = 32, multiple: int = 8, progress: bool | None = None) -> np.ndarray:
+def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], batch_size: int = 16,
+                  row_width: int = 64, progress: bool | None = None) -> np.ndarray:
     """Mean target NLL (N,) float64 of tokenised pairs, in the order given (see score_pairs)."""
     if not encoded:
         return np.zeros((0,), np.float64)
-    n_slots = tokenize.bucket(max(len(e.target_ids) for e in encoded), _TARGET_SLOT_MULTIPLE)
-    out = np.zeros((len(encoded),), np.float64)
-    buckets = plan_buckets([e.length for e in encoded], batch_size, multiple)
-    for b in _progress(buckets, progress, "scoring"):
-        tokens, mask, target_mask = build_batch(encoded, b, batch_size, pad_id)
-        nll = score_batch(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(target_mask),
-                          n_slots)
-        out[list(b.indices)] = np.asarray(jax.device_get(nll))[:len(b.indices)]
-    return out
+    # the last target token is only ever predicted, never a predictor: it needs no slot
+    seqs = [e.prompt_ids + e.target_ids[:-1] for e in encoded]
+    width = max(row_width, tokenize.bucket(max(len(s) for s in seqs), 8))
+    rows, paths = pack_token_trees(seqs, width)
+    scored = collections.defaultdict(list)  # row -> (slot predicting, token, pair)
+    for pair, (e, (row, path)) in enumerate(zip(encoded, paths)):
+        n_prompt = len(e.prompt_ids)
+        scored[row] += [(path[n_prompt + j - 1], tid, pair) for j, tid in enumerate(e.target_ids)]
+    total = np.zeros((len(encoded),), np.float64)
+    starts = range(0, len(rows), batch_size)
+    for start in _progress(starts, progress, "scoring"):
+        chunk = range(start, min(start + batch_size, len(rows)))
+        n_rows = min(batch_size, tokenize.bucket(len(chunk), 2))  # a few shapes, little padding
+        tokens, depths, ends = (np.zeros((n_rows, width), np.int32) for _ in range(3))
+        slots = []
+        for k, r in enumerate(chunk):
+            n = len(rows[r].tokens)
+            tokens[k, :n], depths[k, :n], ends[k, :n] = rows[r].tokens, rows[r].depths, rows[r].ends
+            slots += [(k * width + slot, tid, pair) for slot, tid, pair in scored[r]]
+        tok, ids, pair = (np.asarray(x) for x in zip(*slots))
+        m = tokenize.bucket(len(slots), 64)
+        nll = score_tree_rows(params, cfg, jnp.asarray(tokens), jnp.asarray(depths), jnp.asarray(ends),
+                              jnp.asarray(np.pad(tok, (0, m - len(tok)))), jnp.asarray(np.pad(ids, (0, m - len(ids)))))
+        np.add.at(total, pair, np.asarray(jax.device_get(nll), np.float64)[:len(slots)])
+    return total / np.asarray([len(e.target_ids) for e in encoded], np.float64)
 
 
 def score_pairs(params, cfg: LlamaConfig, tokenizer, pairs: Sequence[tuple[str, str]],
-                batch_size: int = 32, multiple: int = 8, progress: bool | None = None) -> np.ndarray:
-    """Mean per-token NLL of each target teacher-forced after its prompt, in bucketed jit batches.
+                batch_size: int = 16, row_width: int = 64, progress: bool | None = None) -> np.ndarray:
+    """Mean per-token NLL of each target teacher-forced after its prompt, in packed jit batches.
 
     Args:
       pairs: N (prompt_text, target_text) pairs; targets without a leading space.
-      batch_size: rows per jit call (the last batch of each width is padded with dummy rows).
-      multiple: padded widths are multiples of this (fewer compilations vs. less padding).
+      batch_size: rows per jit call (a short last call is padded to an even number of rows).
+      row_width: tokens per row (widened to the longest sequence); each row packs many sequences.
     Returns:
       (N,) float64 mean target NLL (nats per token), in the order of `pairs`.
     """
-    return score_encoded(params, cfg, encode_pairs(tokenizer, pairs), tokenize.pad_id(tokenizer),
-                         batch_size, multiple, progress)
+    return score_encoded(params, cfg, encode_pairs(tokenizer, pairs), batch_size, row_width, progress)
 
 
 # ===================================================================================== case metrics
@@ -412,15 +436,15 @@ def _case_prompts(r: EditRequest) -> tuple[tuple[str, ...], tuple[str, ...], tup
     return (r.filled_prompt,), tuple(r.paraphrase_prompts), tuple(r.neighborhood_prompts)
 
 
-def evaluate(params, cfg: LlamaConfig, tokenizer, requests: Sequence[EditRequest], batch_size: int = 32,
-             with_generation: bool = False, multiple: int = 8, generation: GenerationSpec = GenerationSpec(),
+def evaluate(params, cfg: LlamaConfig, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
+             with_generation: bool = False, row_width: int = 64, generation: GenerationSpec = GenerationSpec(),
              progress: bool | None = None) -> EvalResult:
     """CounterFact metrics of a model on cases (all prompt/target pairs scored together).
 
     Args:
       requests: cases with target_true (and paraphrase / neighbourhood prompts; generation prompts
         when with_generation).
-      batch_size, multiple: see score_pairs.
+      batch_size, row_width: see score_pairs.
       with_generation: also sample continuations of each case's generation prompts and report GE.
     Returns:
       EvalResult with per-case CaseMetrics and their Aggregate.
@@ -447,7 +471,7 @@ def evaluate(params, cfg: LlamaConfig, tokenizer, requests: Sequence[EditRequest
                 ids.append(tuple(index.setdefault((p, t), len(index)) for t in (r.target_new, r.target_true)))
             kinds.append(ids)
         layout.append(kinds)
-    nll = score_pairs(params, cfg, tokenizer, list(index), batch_size, multiple, progress)
+    nll = score_pairs(params, cfg, tokenizer, list(index), batch_size, row_width, progress)
 
     ges: list[float | None] = [None] * len(requests)
     if with_generation:

@@ -12,15 +12,47 @@ import numpy as np
 import optax
 
 from llama3_flax.model import (Capture, embed, empty_kv_cache, final_hidden, rope_positions, run_layers,
-                               run_layers_cached, unembedding)
+                               run_layers_cached, run_layers_over_prefix, unembedding)
 from llama3_flax import math as lm
 
 from .hparams import ValueHparams
 from .keys import fill, pad_rows, subject_last_index
 from .requests import EditRequest
-from .tokenize import encode_prompt, encode_target, pad_id
+from .tokenize import bucket, encode_prompt, encode_target, pad_id
 
 KL_TEMPLATE = "{} is a"
+
+
+@flax.struct.dataclass
+class SuffixLanes:
+    """The token slots that depend on the delta (each row's, from the subject's last token to its end),
+    packed densely into lanes of W tokens, so short suffixes cost no padding.
+
+    Several rows share a lane; each keeps its own stretch of the lane's read-only prefix cache (a copy
+    of its row's keys/values before the subject's last token). A row's lane tokens occupy slots
+    [start, end) of the lane; each of them sees the earlier ones of the row, and the row's cached
+    prefix (llama3_flax.math.attention_bias with key ends).
+
+    row, slot: (Lanes, W) the row and slot of each lane token (0 for padding tokens).
+    end: (Lanes, W) the end of the token's row in the lane (0 for padding: seen by nothing).
+    inject: (Lanes, W) 1 at each real row's subject last token (where the delta is added).
+    cache_row, cache_slot: (Lanes, S) the row cache slot each prefix cache slot is copied from.
+    cache_start, cache_end: (Lanes, S) the lane slots [start, end) of the row owning each prefix
+      cache slot (0, 0 for unused slots).
+    """
+
+    row: jax.Array
+    slot: jax.Array
+    end: jax.Array
+    inject: jax.Array
+    cache_row: jax.Array
+    cache_slot: jax.Array
+    cache_start: jax.Array
+    cache_end: jax.Array
+
+    @property
+    def tokens(self) -> int:
+        return int(self.row.shape[0] * self.row.shape[1])
 
 
 @flax.struct.dataclass
@@ -28,28 +60,74 @@ class ValueBatch:
     """Rows: for each request, its rewriting prompts (one per template), then one KL row per request.
 
     tokens, mask: (N, T). lookup: (N,) subject-last-token slot. owner: (N,) request index.
-    target_pos, target_ids, target_w: (N, Tt) slots whose next-token prediction is scored, the token
-      expected there, and 1/len(target) on real target tokens of rewriting rows (0 elsewhere).
-    rewrite_w: (n, N) averages a row quantity over each request's rewriting rows.
-    kl_rows: (n,) the KL row of each request.
+    first_row: (n,) each request's "{}" template row (where the initial value is read).
+    lanes: the rows' suffixes, packed (SuffixLanes); flat lane-token indices below are lane * W + i.
+    target_tok, target_ids: (M,) the lane token whose output predicts each target token, and the token.
+    target_req, target_w: (M,) its request, and 1 / (len(target) * templates) (0 for padding slots):
+      summing target_w * NLL per request gives the mean over templates of the mean-token NLL.
+    kl_tok: (n,) the lane token of each request's KL position.
     """
 
     tokens: jax.Array
     mask: jax.Array
     lookup: jax.Array
     owner: jax.Array
-    target_pos: jax.Array
+    first_row: jax.Array
+    lanes: SuffixLanes
+    target_tok: jax.Array
     target_ids: jax.Array
+    target_req: jax.Array
     target_w: jax.Array
-    rewrite_w: jax.Array
-    kl_rows: jax.Array
+    kl_tok: jax.Array
+
+
+def pack_suffixes(lengths: Sequence[int], lookup: Sequence[int], min_width: int = 8
+                  ) -> tuple[SuffixLanes, np.ndarray]:
+    """First-fit-decreasing packing of the rows' suffixes (slots lookup..length-1) into lanes.
+
+    min_width: lane width (widened to the longest suffix, rounded up to 8). Narrow lanes keep each
+    lane's prefix cache short (attention cost); the suffixes of a few tokens still pack tightly.
+    Lane counts and cache lengths are rounded up so that similar batches share compilations.
+    Returns the lanes and the flat lane-token index of each row's first suffix token.
+    """
+    suffix = [length - start for length, start in zip(lengths, lookup)]
+    width = max(min_width, bucket(max(suffix), 8))
+    lanes: list[list[int]] = []  # rows of each lane
+    free: list[int] = []
+    for r in sorted(range(len(suffix)), key=lambda r: (-suffix[r], r)):
+        for lane, room in enumerate(free):
+            if suffix[r] <= room:
+                lanes[lane].append(r)
+                free[lane] -= suffix[r]
+                break
+        else:
+            lanes.append([r])
+            free.append(width - suffix[r])
+    n_lanes = bucket(len(lanes), 2) if len(lanes) > 1 else 1
+    cache_len = bucket(max(sum(lookup[r] for r in lane) for lane in lanes), 32)
+    shape, cshape = (n_lanes, width), (n_lanes, cache_len)
+    row, slot, end, inject = (np.zeros(shape, np.int32) for _ in range(4))
+    cache_row, cache_slot, cache_start, cache_end = (np.zeros(cshape, np.int32) for _ in range(4))
+    first_tok = np.zeros(len(suffix), np.int32)
+    for lane, members in enumerate(lanes):
+        offset, i = 0, 0  # cache offset of the member, next lane token
+        for r in members:
+            stretch = slice(offset, offset + lookup[r])
+            cache_row[lane, stretch], cache_slot[lane, stretch] = r, np.arange(lookup[r])
+            cache_start[lane, stretch], cache_end[lane, stretch] = i, i + suffix[r]
+            k = np.arange(suffix[r])
+            row[lane, i + k], slot[lane, i + k], end[lane, i + k] = r, lookup[r] + k, i + suffix[r]
+            inject[lane, i] = 1
+            first_tok[r] = lane * width + i
+            offset, i = offset + lookup[r], i + suffix[r]
+    arrays = (row, slot, end, inject, cache_row, cache_slot, cache_start, cache_end)
+    return SuffixLanes(*(jnp.asarray(a) for a in arrays)), first_tok
 
 
 def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> ValueBatch:
     """Rewriting prompt = template around the prompt, then target_new's tokens but the last (teacher
-    forcing: position j predicts target token j)."""
-    ids, lookup, owner, tpos, tids = [], [], [], [], []
-    n = len(requests)
+    forcing: the token before target token j predicts it)."""
+    ids, lookup, owner, targets = [], [], [], []  # targets: (target ids, prompt length) of rewriting rows
     for i, r in enumerate(requests):
         target = encode_target(tokenizer, r.target_new)
         for t in templates:
@@ -58,33 +136,26 @@ def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Seq
             ids.append(prompt + target[:-1])
             lookup.append(subject_last_index(tokenizer, prefix, r))
             owner.append(i)
-            tpos.append([len(prompt) - 1 + j for j in range(len(target))])
-            tids.append(target)
-    kl_start = len(ids)
+            targets.append((target, len(prompt)))
+    n, kl_start = len(requests), len(ids)
     for i, r in enumerate(requests):
         prefix = KL_TEMPLATE[: KL_TEMPLATE.index("{}")]  # "{subject} is a": the subject alone, no prompt
-        text = KL_TEMPLATE.replace("{}", r.subject)
-        ids.append(encode_prompt(tokenizer, text))
+        ids.append(encode_prompt(tokenizer, KL_TEMPLATE.replace("{}", r.subject)))
         lookup.append(subject_last_index(tokenizer, prefix, r))
         owner.append(i)
-        tpos.append([])
-        tids.append([])
+    lanes, first_tok = pack_suffixes([len(x) for x in ids], lookup)
+    slots = [(first_tok[row] + prompt_len - 1 - lookup[row] + j, tid, owner[row],
+              1.0 / (len(target) * len(templates)))
+             for row, (target, prompt_len) in enumerate(targets) for j, tid in enumerate(target)]
+    slots += [(0, 0, 0, 0.0)] * (bucket(len(slots), 8) - len(slots))
+    target_tok, target_ids, target_req, target_w = (np.asarray(x) for x in zip(*slots))
     tokens, mask, lookup_arr = pad_rows(ids, np.asarray(lookup, np.int32), pad_id(tokenizer))
-    rows = tokens.shape[0]
-    owner = np.asarray(owner + [0] * (rows - len(owner)), np.int32)
-    tt = max(len(p) for p in tpos)
-    target_pos = np.zeros((rows, tt), np.int32)
-    target_ids = np.zeros((rows, tt), np.int32)
-    target_w = np.zeros((rows, tt), np.float32)
-    for row, (p, t) in enumerate(zip(tpos, tids)):
-        target_pos[row, :len(p)] = p
-        target_ids[row, :len(t)] = t
-        target_w[row, :len(t)] = 1.0 / max(len(t), 1)
-    rewrite_w = np.zeros((n, rows), np.float32)
-    for row in range(kl_start):
-        rewrite_w[owner[row], row] = 1.0 / len(templates)
-    return ValueBatch(*(jnp.asarray(a) for a in (tokens, mask, lookup_arr, owner, target_pos, target_ids,
-                                                 target_w, rewrite_w, np.arange(kl_start, kl_start + n))))
+    owner = np.asarray(owner + [0] * (tokens.shape[0] - len(owner)), np.int32)
+    arrays = (tokens, mask, lookup_arr, owner, np.arange(n) * len(templates))
+    return ValueBatch(*(jnp.asarray(a, jnp.int32) for a in arrays), lanes=lanes,
+                      target_tok=jnp.asarray(target_tok, jnp.int32), target_ids=jnp.asarray(target_ids, jnp.int32),
+                      target_req=jnp.asarray(target_req, jnp.int32), target_w=jnp.asarray(target_w, jnp.float32),
+                      kl_tok=jnp.asarray(first_tok[kl_start:kl_start + n]))
 
 
 @flax.struct.dataclass
@@ -100,10 +171,6 @@ class Values:
     steps: jax.Array
 
 
-def _gather_rows(h, pos):
-    return jnp.take_along_axis(h, pos[:, :, None], axis=1)
-
-
 def _safe_norm(x):
     """||x|| over the last axis with gradient 0 (not NaN) at x = 0, like torch.norm."""
     sq = jnp.sum(x * x, axis=-1)
@@ -111,15 +178,8 @@ def _safe_norm(x):
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-def suffix_width(batch: ValueBatch, multiple: int = 4) -> int:
-    """Slots from the subject's last token to the end of the longest row, bucketed."""
-    lengths = np.asarray(batch.mask).sum(axis=1)
-    need = int(np.max(lengths - np.asarray(batch.lookup)))
-    return max(multiple, -(-need // multiple) * multiple)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site", "width"))
-def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, site: str, width: int) -> Values:
+@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site"))
+def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, site: str) -> Values:
     """The batched value optimisation (losses as in the ROME/MEMIT reference implementations):
 
     loss_r = mean over r's rewriting prompts of the mean-token NLL of target_new
@@ -132,49 +192,57 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
 
     Prefix caching: nothing before the subject's last token depends on delta (causal attention), and
     no layer up to `layer` does. So one pass fills a key/value cache, and each step runs only the
-    `width` slots from the subject's last token on, through the layers after `layer`.
+    slots from the subject's last token on through the layers after `layer`, packed densely into
+    lanes (batch.lanes) that attend to their rows' cached prefixes, masked to each row's own segment.
     """
-    n = batch.rewrite_w.shape[0]
+    n = batch.kl_tok.shape[0]
     rows, t = batch.tokens.shape
+    lanes = batch.lanes
     capture = Capture(layers=jnp.reshape(layer, (1,)), positions=batch.lookup[:, None])
     h_layer, captured = run_layers(params, cfg, embed(params, batch.tokens), batch.mask, last_layer=layer,
                                    capture=capture)
     outputs = captured.mlp_out if site == "mlp" else captured.resid_out
-    first_row = jnp.argmax(batch.rewrite_w > 0, axis=1)  # the "{}" template row of each request
-    init = outputs[0, first_row, 0].astype(jnp.float32)  # (n, D)
+    init = outputs[0, batch.first_row, 0].astype(jnp.float32)  # (n, D)
     init_norm = jnp.linalg.norm(init, axis=-1)
 
-    # Fill the cache of the later layers at delta = 0 (its slots before the subject stay valid).
+    # Fill the rows' caches of the later layers at delta = 0 (their slots before the subject stay
+    # valid), then copy each row's stretch into its lane.
     positions = rope_positions(batch.mask)
-    key_mask = jnp.pad(batch.mask, ((0, 0), (0, width)))
     all_slots = jnp.broadcast_to(jnp.arange(t), (rows, t))
-    _, caches = run_layers_cached(params, cfg, h_layer, positions, all_slots, key_mask,
-                                  empty_kv_cache(cfg, rows, t + width), first_layer=layer + 1)
-    slots = batch.lookup[:, None] + jnp.arange(width)  # (N, W) the recomputed slots
-    h_suffix = _gather_rows(h_layer, jnp.minimum(slots, t - 1))
-    pos_suffix = jnp.take_along_axis(positions, jnp.minimum(slots, t - 1), axis=1)
-    target_pos = jnp.clip(batch.target_pos - batch.lookup[:, None], 0, width - 1)
+    _, row_caches = run_layers_cached(params, cfg, h_layer, positions, all_slots, batch.mask,
+                                      empty_kv_cache(cfg, rows, t), first_layer=layer + 1)
+    prefix = tuple(c[:, lanes.cache_row, lanes.cache_slot] for c in row_caches)
+    n_lanes, width = lanes.row.shape
+    lane_slots = jnp.broadcast_to(jnp.arange(width), (n_lanes, width))
+    self_bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end)
+    # a row's cached prefix is seen by its lane tokens: placed at the row's first lane slot
+    prefix_bias = lm.attention_bias(lane_slots, lanes.cache_start, lanes.cache_end > 0, lanes.cache_end)
+    h_lanes = h_layer[lanes.row, lanes.slot]  # (Lanes, W, D)
+    pos_lanes = positions[lanes.row, lanes.slot]
+    owner_lanes = batch.owner[lanes.row]
+    d = h_lanes.shape[-1]
     w_out = unembedding(params, cfg)
 
-    def log_probs_at(h, pos):
-        return jax.nn.log_softmax(lm.linear(final_hidden(params, cfg, _gather_rows(h, pos)), w_out)
-                                  .astype(jnp.float32), axis=-1)
+    def log_probs(h):
+        return jax.nn.log_softmax(lm.linear(final_hidden(params, cfg, h), w_out).astype(jnp.float32), axis=-1)
 
-    def losses(delta, ref_kl):
-        h = h_suffix.at[:, 0].add(delta[batch.owner].astype(h_suffix.dtype))
-        h, _ = run_layers_cached(params, cfg, h, pos_suffix, slots, key_mask, caches, first_layer=layer + 1)
-        lp = log_probs_at(h, target_pos)  # (N, Tt, V)
-        tok_lp = jnp.take_along_axis(lp, batch.target_ids[:, :, None], axis=-1)[..., 0]
-        nll_rows = -jnp.sum(tok_lp * batch.target_w, axis=1)  # mean-token NLL per row
-        nll = batch.rewrite_w @ nll_rows
-        kl_lp = log_probs_at(h[batch.kl_rows], jnp.zeros((n, 1), jnp.int32))[:, 0]
+    def losses(delta, ref_kl, first):
+        h = h_lanes + (lanes.inject[..., None] * delta[owner_lanes]).astype(h_lanes.dtype)
+        h = run_layers_over_prefix(params, cfg, h, pos_lanes, self_bias, prefix, prefix_bias,
+                                   first_layer=layer + 1)
+        h = h.reshape(-1, d)
+        lp = log_probs(h[batch.target_tok])  # (M, V)
+        tok_lp = jnp.take_along_axis(lp, batch.target_ids[:, None], axis=-1)[:, 0]
+        nll = jax.ops.segment_sum(-tok_lp * batch.target_w, batch.target_req, num_segments=n)
+        kl_lp = log_probs(h[batch.kl_tok])  # (n, V)
+        # The first evaluation is at delta = 0: its own distribution is the reference (KL and its
+        # gradient are 0 there either way), which saves a separate reference pass.
+        ref_kl = jnp.where(first, jax.lax.stop_gradient(kl_lp), ref_kl)
         kl = jnp.sum(jnp.exp(kl_lp) * (kl_lp - ref_kl), axis=-1)
         per_request = nll + hp.kl_factor * kl + hp.v_weight_decay * _safe_norm(delta) / init_norm ** 2
         return jnp.sum(per_request), (per_request, nll, kl_lp)
 
     zeros = jnp.zeros_like(init)
-    _, (_, _, ref_kl) = losses(zeros, jnp.zeros((n, w_out.shape[0]), jnp.float32))
-    ref_kl = jax.lax.stop_gradient(ref_kl)
     opt = optax.adam(hp.v_lr)
     max_norm = hp.clamp_norm_factor * init_norm
 
@@ -183,8 +251,9 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
         return (it < hp.v_num_grad_steps) & ~jnp.all(done)
 
     def body(state):
-        it, delta, opt_state, done, loss, nll, steps = state
-        (_, (per_request, per_nll, _)), grad = jax.value_and_grad(losses, has_aux=True)(delta, ref_kl)
+        it, delta, opt_state, done, loss, nll, steps, ref_kl = state
+        (_, (per_request, per_nll, kl_lp)), grad = jax.value_and_grad(losses, has_aux=True)(delta, ref_kl, it == 0)
+        ref_kl = jax.lax.stop_gradient(jnp.where(it == 0, kl_lp, ref_kl))
         loss = jnp.where(done, loss, per_request)
         nll = jnp.where(done, nll, per_nll)
         done = done | (per_request < hp.early_stop_loss) | (it == hp.v_num_grad_steps - 1)
@@ -194,11 +263,11 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
         stepped = stepped * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))[:, None]
         delta = jnp.where(done[:, None], delta, stepped)
         steps = steps + (~done).astype(jnp.int32)
-        return it + 1, delta, new_state, done, loss, nll, steps
+        return it + 1, delta, new_state, done, loss, nll, steps, ref_kl
 
     state = (jnp.int32(0), zeros, opt.init(zeros), jnp.zeros(n, bool), jnp.zeros(n), jnp.zeros(n),
-             jnp.zeros(n, jnp.int32))
-    _, delta, _, _, loss, nll, steps = jax.lax.while_loop(cond, body, state)
+             jnp.zeros(n, jnp.int32), jnp.zeros((n, w_out.shape[0]), jnp.float32))
+    _, delta, _, _, loss, nll, steps, _ = jax.lax.while_loop(cond, body, state)
     return Values(target=init + delta, init=init, delta=delta, loss=loss, nll=nll, steps=steps)
 
 
@@ -218,5 +287,5 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
     parts = []
     for start in range(0, len(requests), chunk_size):
         batch = build_value_batch(tokenizer, requests[start:start + chunk_size], templates)
-        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site, suffix_width(batch)))
+        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)

@@ -59,12 +59,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_bias(query_positions: jax.Array, key_positions: jax.Array, key_mask: jax.Array) -> jax.Array:
+def attention_bias(query_positions: jax.Array, key_positions: jax.Array, key_mask: jax.Array,
+                   key_ends: jax.Array | None = None) -> jax.Array:
     """Additive bias (B, 1, T, S): 0 where a query may see a key (causal and not padding), else -inf-ish.
 
     Positions are slot indices (not RoPE positions), so causality holds for left padding too.
+    key_ends: (B, S) for rows that pack a tree of tokens in depth-first order (several sequences,
+    or continuations sharing a prompt): the slot just after each key's subtree. A query sees a key
+    only from inside that subtree, i.e. when the key is one of its ancestors (or itself).
     """
     allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :].astype(bool)
+    if key_ends is not None:
+        allowed &= query_positions[:, :, None] < key_ends[:, None, :]
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
 
 
@@ -74,13 +80,27 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.
     Heads are grouped so each of the K key/value heads serves H/K query heads, without repeating k, v.
     Softmax in float32.
     """
+    return attention_over_blocks(q, ((k, v, bias),))
+
+
+def attention_over_blocks(q: jax.Array, blocks) -> jax.Array:
+    """Grouped-query attention over several blocks of keys, with one softmax across all of them.
+
+    blocks: ((k, v, bias), ...) with k, v (B, S_i, K, E) and bias (B, 1, T, S_i). Keeping a read-only
+    prefix cache in its own block means it is never copied, and never differentiated.
+    """
     b, t, h, e = q.shape
-    kv = k.shape[2]
+    kv = blocks[0][0].shape[2]
     qg = q.reshape(b, t, kv, h // kv, e)
-    scores = jnp.einsum("btkge,bske->bkgts", qg, k).astype(jnp.float32) / _math.sqrt(e)
-    scores = scores + bias[:, :, None]  # (B, 1, 1, T, S) broadcast over K and groups
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    scores = [jnp.einsum("btkge,bske->bkgts", qg, k).astype(jnp.float32) / _math.sqrt(e)
+              + bias[:, :, None]  # (B, 1, 1, T, S) broadcast over K and groups
+              for k, _, bias in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0, 0
+    for k, v, _ in blocks:
+        p = probs[..., start:start + k.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("bkgts,bske->btkge", p, v)
+        start += k.shape[1]
     return out.reshape(b, t, h, e)
 
 

@@ -114,12 +114,14 @@ def _gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx[:, :, None], axis=1)
 
 
-def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, write_slots=None):
+def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, write_slots=None,
+                    prefix=None):
     """Self-attention sub-layer of one layer's params lp (B, T, D) -> (B, T, D).
 
     With kv=(k_cache, v_cache) (B, S, K, E), this step's keys and values are written at cache slots
     write_slots (B, T) (any slots per row) and the queries attend over the whole cache; returns
-    (h, new kv).
+    (h, new kv). With prefix=(k, v, bias), the queries also attend to read-only keys and values
+    (B, S, K, E) of earlier tokens under bias (B, 1, T, S), in the same softmax.
     """
     b, t, _ = h.shape
     x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
@@ -131,7 +133,8 @@ def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, wr
         rows = jnp.arange(b)[:, None]
         k = kv[0].at[rows, write_slots].set(k.astype(kv[0].dtype))
         v = kv[1].at[rows, write_slots].set(v.astype(kv[1].dtype))
-    attn = lm.grouped_query_attention(q, k, v, bias)
+    blocks = ((k, v, bias),) if prefix is None else (prefix, (k, v, bias))
+    attn = lm.attention_over_blocks(q, blocks)
     h = h + lm.linear(attn.reshape(b, t, -1), lp["o_proj"])
     return h, (k, v)
 
@@ -144,12 +147,17 @@ def mlp_block(cfg: LlamaConfig, lp: Params, h):
     return h + mlp_out, mlp_in, mlp_out
 
 
-def layer_context(cfg: LlamaConfig, mask: jax.Array):
-    """(cos, sin, bias) shared by all layers for a (B, T) padding mask without a cache."""
+def layer_context(cfg: LlamaConfig, mask: jax.Array, positions: jax.Array | None = None,
+                  key_ends: jax.Array | None = None):
+    """(cos, sin, bias) shared by all layers for a (B, T) padding mask without a cache.
+
+    positions: (B, T) RoPE positions (default: counted over the mask's real tokens).
+    key_ends: (B, T) subtree ends, for rows packing a token tree (see math.attention_bias).
+    """
     b, t = mask.shape
-    cos, sin = lm.rope_angles(cfg, rope_positions(mask))
+    cos, sin = lm.rope_angles(cfg, rope_positions(mask) if positions is None else positions)
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return cos, sin, lm.attention_bias(slots, slots, mask)
+    return cos, sin, lm.attention_bias(slots, slots, mask, key_ends)
 
 
 def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias):
@@ -160,18 +168,20 @@ def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias):
 
 def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, *,
                first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
-               capture: Capture | None = None, inject: Injection | None = None):
+               capture: Capture | None = None, inject: Injection | None = None,
+               positions: jax.Array | None = None, key_ends: jax.Array | None = None):
     """Runs decoder layers first_layer..last_layer (inclusive, both data) on the residual stream.
 
     Args:
       h: (B, T, D) residual stream entering first_layer.
       mask: (B, T) 1 for real tokens, 0 for padding (left or right).
+      positions, key_ends: for rows packing a tree of tokens (see layer_context).
     Returns:
       (h, captured): the residual stream after last_layer, and Captured (or None).
     """
     b, t, _ = h.shape
     last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
-    cos, sin, bias = layer_context(cfg, mask)
+    cos, sin, bias = layer_context(cfg, mask, positions, key_ends)
     batch_idx = jnp.arange(b)[:, None]
 
     def layer(h, xs):
@@ -247,6 +257,40 @@ def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions:
 
     h, caches = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"], *caches))
     return h, caches
+
+
+def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array,
+                           bias: jax.Array, prefix, prefix_bias: jax.Array, *,
+                           first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None):
+    """Runs layers on tokens that attend to each other and to a read-only cache of earlier tokens.
+
+    Args:
+      h: (B, T, D) residual stream of the tokens being run; positions: (B, T) their RoPE positions.
+      bias: (B, 1, T, T) which of these tokens each one sees (math.attention_bias).
+      prefix: (k, v), each (L, B, S, K, E): keys and values of the earlier tokens (e.g. from
+        run_layers_cached); prefix_bias: (B, 1, T, S) which of them each token sees.
+    Returns:
+      h after last_layer.
+
+    The value optimisation's inner loop: the prefix is constant, so unlike run_layers_cached nothing
+    is written into it, and differentiating h never touches it.
+    """
+    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
+    cos, sin = lm.rope_angles(cfg, positions)
+
+    def layer(h, xs):
+        i, lp, k_prefix, v_prefix = xs
+
+        def active(h):
+            h, _ = attention_block(cfg, lp, h, cos, sin, bias, prefix=(k_prefix, v_prefix, prefix_bias))
+            h, _, _ = mlp_block(cfg, lp, h)
+            return h
+
+        run = (i >= first_layer) & (i <= last_layer)
+        return jax.lax.cond(run, active, lambda h: h, h), ()
+
+    h, _ = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"], *prefix))
+    return h
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:

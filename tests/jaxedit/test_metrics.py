@@ -88,13 +88,20 @@ def test_sequence_target_nll_reads_logits_before_each_target_token():
     assert float(metrics.sequence_target_nll(changed, tokens, target_mask)[0]) == pytest.approx(want, rel=1e-6)
 
 
-def test_target_slots():
-    tm = jnp.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
-    pos, valid = metrics.target_slots(tm, 4)
-    np.testing.assert_array_equal(np.asarray(pos), [[2, 3, 0, 0], [1, 2, 3, 0], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(valid), [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
-    pos, valid = metrics.target_slots(tm[:, :3], 8)  # more slots than positions
-    assert pos.shape == (3, 8) and np.asarray(valid).sum(1).tolist() == [1, 2, 0]
+def test_pack_token_trees_shares_prefixes_in_depth_first_order():
+    seqs = [(5, 6, 7), (5, 6, 8, 9), (1, 2), (5, 6, 7), (5,), (3, 4, 4, 4)]
+    rows, paths = metrics.pack_token_trees(seqs, width=8)
+    # sorted: (1,2) (3,4,4,4) (5,) fill 7 of 8; (5,6,7) would add 2 more, so a new row starts
+    assert [r.tokens for r in rows] == [(1, 2, 3, 4, 4, 4, 5), (5, 6, 7, 8, 9)]
+    assert rows[0].depths == (0, 1, 0, 1, 2, 3, 0) and rows[0].ends == (2, 2, 6, 6, 6, 6, 7)
+    assert rows[1].depths == (0, 1, 2, 2, 3)
+    assert rows[1].ends == (5, 5, 3, 5, 5)  # 7 is a leaf; 8's subtree holds 9
+    assert paths[0] == paths[3] == (1, (0, 1, 2)) and paths[1] == (1, (0, 1, 3, 4)) and paths[4] == (0, (6,))
+    for seq, (r, path) in zip(seqs, paths):  # each path spells its sequence
+        assert tuple(rows[r].tokens[k] for k in path) == seq
+        assert all(rows[r].ends[a] > b for a, b in zip(path, path[1:]))  # ancestors' subtrees hold it
+    with pytest.raises(ValueError, match="5 tokens does not fit rows of width 4"):
+        metrics.pack_token_trees([(1, 2, 3, 4, 5)], width=4)
 
 
 # ------------------------------------------------------------------------------- aggregation by hand
@@ -124,7 +131,7 @@ def test_case_metrics_and_aggregate_by_hand():
     assert metrics.aggregate([metrics.case_metrics(0, [(1, 2)], [(1, 2)], [(1, 2)])]).s == 0.0  # NS = 0
 
 
-def test_plan_buckets_and_build_batch():
+def test_plan_buckets():
     lengths = [3, 17, 9, 5, 16, 8, 2, 30]
     buckets = metrics.plan_buckets(lengths, batch_size=2, multiple=8)
     assert sorted(i for b in buckets for i in b.indices) == list(range(8))
@@ -133,17 +140,8 @@ def test_plan_buckets_and_build_batch():
         assert all(tokenize.bucket(lengths[i], 8) == b.width for i in b.indices)
     assert sorted({b.width for b in buckets}) == [8, 16, 24, 32]
 
-    enc = [metrics.EncodedPair((1, 5, 6), (7, 8)), metrics.EncodedPair((1, 5), (9,))]
-    tokens, mask, tm = metrics.build_batch(enc, metrics.Bucket((1, 0), 8), batch_size=3, pad_id=0)
-    assert tokens.shape == (3, 8)
-    np.testing.assert_array_equal(tokens[1, :5], [1, 5, 6, 7, 8])
-    np.testing.assert_array_equal(mask.sum(1), [3, 5, 0])
-    np.testing.assert_array_equal(tm[0], [0, 0, 1, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(tm[1], [0, 0, 0, 1, 1, 0, 0, 0])
-    assert tm[2].sum() == 0
 
-
-# ------------------------------------------------------------------------- bucketed == naive, tiny model
+# -------------------------------------------------------------------------- packed == naive, tiny model
 PAIRS = [
     ("The capital of France is", "Paris"),
     ("The capital of France is", "London"),
@@ -159,15 +157,15 @@ PAIRS = [
 
 
 @pytest.mark.parametrize("add_bos", [True, False])
-def test_bucketed_scoring_matches_naive(tiny, add_bos):
+def test_packed_scoring_matches_naive(tiny, add_bos):
     cfg, params = tiny
     tok = WordTokenizer(cfg.vocab_size, add_bos)
-    before = metrics.score_batch._cache_size()
-    got = metrics.score_pairs(params, cfg, tok, PAIRS, batch_size=4, multiple=8)
-    compiled = metrics.score_batch._cache_size() - before
-    widths = {b.width for b in metrics.plan_buckets(
-        [e.length for e in metrics.encode_pairs(tok, PAIRS)], 4, 8)}
-    assert 2 <= len(widths) <= 3 and compiled <= len(widths)   # a few widths, whatever the number of rows
+    before = metrics.score_tree_rows._cache_size()
+    # narrow rows and 2 rows per call: several calls, prefix trees split across rows
+    got = metrics.score_pairs(params, cfg, tok, PAIRS, batch_size=2, row_width=16)
+    assert metrics.score_tree_rows._cache_size() - before <= 3   # few shapes, whatever the number of rows
+    np.testing.assert_allclose(metrics.score_pairs(params, cfg, tok, PAIRS[::-1], batch_size=64)[::-1], got,
+                               atol=2e-5, rtol=0)  # one call, one wide row: the same numbers
 
     want = []
     for prompt, target in PAIRS:
@@ -202,13 +200,13 @@ def test_evaluate_matches_scores(tiny):
     cfg, params = tiny
     tok = WordTokenizer(cfg.vocab_size, True)
     reqs = _requests()
-    res = metrics.evaluate(params, cfg, tok, reqs, batch_size=4)
+    res = metrics.evaluate(params, cfg, tok, reqs, batch_size=4, row_width=16)
     assert [c.case_id for c in res.cases] == [0, 1]
     for r, c in zip(reqs, res.cases):
         for prompts, got in ((( r.filled_prompt,), c.rewrite_nll), (r.paraphrase_prompts, c.paraphrase_nll),
                              (r.neighborhood_prompts, c.neighborhood_nll)):
             pairs = [(p, t) for p in prompts for t in (r.target_new, r.target_true)]
-            np.testing.assert_allclose(np.ravel(got), metrics.score_pairs(params, cfg, tok, pairs, 4), atol=1e-6)
+            np.testing.assert_allclose(np.ravel(got), metrics.score_pairs(params, cfg, tok, pairs, 4), atol=2e-5)
         ref = metrics.case_metrics(r.case_id, c.rewrite_nll, c.paraphrase_nll, c.neighborhood_nll)
         assert (c.es, c.ps, c.ns, c.em, c.pm, c.nm) == (ref.es, ref.ps, ref.ns, ref.em, ref.pm, ref.nm)
     assert res.aggregate == metrics.aggregate(res.cases)

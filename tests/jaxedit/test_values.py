@@ -8,7 +8,7 @@ import pytest
 from llama3_flax.model import Capture, Injection, forward
 from jaxedit.hparams import ValueHparams
 from jaxedit.requests import EditRequest
-from jaxedit.values import compute_values
+from jaxedit.values import compute_values, pack_suffixes
 
 TEMPLATES = ("{}", "Once upon a time. {}", "Because of that, {}")
 REQUESTS = [
@@ -105,3 +105,24 @@ def test_value_errors(tiny_with_tokenizer):
         compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, ValueHparams(v_loss_layer=1))
     with pytest.raises(ValueError, match="site must be"):
         compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, ValueHparams(), site="attn")
+
+
+def test_pack_suffixes_places_every_suffix_token_once():
+    lengths, lookup = [9, 6, 12, 5, 7, 4], [6, 2, 10, 4, 2, 1]  # suffixes 3, 4, 2, 1, 5, 3
+    lanes, first = pack_suffixes(lengths, lookup, min_width=8)
+    row, slot, end = (np.asarray(x) for x in (lanes.row, lanes.slot, lanes.end))
+    assert row.shape[1] == 8 and row.shape[0] == 4  # 18 tokens: 3 lanes (first fit), rounded up to 4
+    real = end > 0
+    placed = sorted(zip(row[real].tolist(), slot[real].tolist()))
+    assert placed == sorted((r, s) for r in range(6) for s in range(lookup[r], lengths[r]))
+    inject = np.asarray(lanes.inject).ravel()
+    np.testing.assert_array_equal(np.flatnonzero(inject), np.sort(first))
+    for r, f in enumerate(first):  # a row's tokens are contiguous, in order, and end where its end says
+        lane, i = divmod(int(f), 8)
+        n = lengths[r] - lookup[r]
+        np.testing.assert_array_equal(slot[lane, i:i + n], np.arange(lookup[r], lengths[r]))
+        assert set(end[lane, i:i + n].tolist()) == {i + n}
+        # its cached prefix: slots 0..lookup-1 of the row, seen from lane slots [i, i + n)
+        mine = (np.asarray(lanes.cache_row)[lane] == r) & (np.asarray(lanes.cache_end)[lane] > 0)
+        np.testing.assert_array_equal(np.asarray(lanes.cache_slot)[lane][mine], np.arange(lookup[r]))
+        assert set(np.asarray(lanes.cache_start)[lane][mine].tolist()) == {i}
