@@ -16,10 +16,12 @@
 (d) The value optimisation's FLOPs (analytic count, below) per second achieved by each implementation,
     against the measured rate of a large float32 matmul in JAX (and in PyTorch).
 
-PyTorch runs with 1 intra-op thread by default (--torch_threads): on a small machine shared with other
-busy processes, its OpenMP barriers make multi-threaded small matmuls an order of magnitude slower.
+PyTorch runs at its default thread count unless --torch_threads says otherwise: on a small machine
+shared with other busy processes, 1 thread can be much faster (OpenMP barriers stall multi-threaded
+small matmuls), on a quiet one the default is PyTorch's best.
 
     python benchmarks/edit_speed.py [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 32]
+                                    [--torch_threads 0]
                                     [--skip a c] [--json_out runs/edit_speed.json]
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ def jaxedit_value_flops(cfg, layer: int, shape: dict, iterations: int) -> dict:
     request). Each iteration runs the recomputed slots through the layers after `layer` over the
     cache, unembeds the scored slots, and back-propagates to the delta (activation gradients only:
     about the forward's FLOPs again). Once: a pass over all tokens through every layer (prefix up to
-    `layer`, cache fill after it) and the reference KL pass.
+    `layer`, cache fill after it); the reference KL distribution comes from the first iteration.
     """
     after = cfg.num_hidden_layers - 1 - layer
     unembed = 2 * cfg.hidden_size * cfg.vocab_size
@@ -66,8 +68,7 @@ def jaxedit_value_flops(cfg, layer: int, shape: dict, iterations: int) -> dict:
     forward = (shape["slots"] * after * (linear_flops_per_token(cfg)
                                          + attention_flops_per_token(cfg, shape["cache"]))
                + unembed * (shape["target_slots"] + shape["n"]))
-    once = (rows * t * cfg.num_hidden_layers * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2))
-            + forward)
+    once = rows * t * cfg.num_hidden_layers * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2))
     return {"per_iteration": 2 * forward, "once": once, "total": once + iterations * 2 * forward}
 
 
@@ -336,7 +337,7 @@ def main(argv=None):
     parser.add_argument("--cov_samples", type=int, default=200)
     parser.add_argument("--v_num_grad_steps", type=int, default=None, help="override (both implementations)")
     parser.add_argument("--matmul", type=int, default=2048, help="size of the matmul whose rate is measured")
-    parser.add_argument("--torch_threads", type=int, default=1, help="0: torch's default")
+    parser.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=str(ROOT / ".cache" / "jaxedit"))
