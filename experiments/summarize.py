@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+
+import numpy as np
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -154,7 +156,28 @@ def batch_sweep(records, out_dir: Path) -> str:
 
 
 # =========================================================================== sequential sweep
-def sequential_sweep(records, out_dir: Path) -> str:
+def batch_windows(batches: Sequence[Mapping], max_windows: int) -> list[dict]:
+    """Consecutive batches grouped into at most max_windows windows (each batch alone when few): per
+    window its first and last batch index, the edits made by its end, and the mean of each metric of
+    its batches' after-batch scores (a single case's NS is 0 or 100; windows make trends readable)."""
+    n = len(batches)
+    bounds = np.linspace(0, n, min(n, max_windows) + 1).round().astype(int)
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        part = batches[lo:hi]
+        out.append({"first": part[0]["batch_index"], "last": part[-1]["batch_index"],
+                    "edits_so_far": part[-1]["edits_so_far"],
+                    "after_batch": {m: _mean([_nan(b["after_batch"].get(m)) for b in part]) for m in SHOWN}})
+    return out
+
+
+def _mean(values) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int = 32) -> str:
     cells, batches = common.latest_complete(records)
     keys = [k for k, c in cells.items() if c["key"].get("sweep") == "sequential"]
     if not keys:
@@ -177,12 +200,14 @@ def sequential_sweep(records, out_dir: Path) -> str:
     per_batch_rows = []
     for k in keys:
         key = cells[k]["key"]
-        for b in batches[k]:
-            per_batch_rows.append([_label(key, many), key["batch_size"], b["batch_index"], b["edits_so_far"],
-                                   *_metric_cells(b["after_batch"])])
+        for w in batch_windows(batches[k], max_rows):
+            span = str(w["first"]) if w["first"] == w["last"] else f"{w['first']}-{w['last']}"
+            per_batch_rows.append([_label(key, many), key["batch_size"], span, w["edits_so_far"],
+                                   *_metric_cells(w["after_batch"])])
     text += ("\n### Right after each batch (on that batch's cases)\n\n"
-             + md_table(["method", "batch size", "batch", "edits so far", *[k.upper() for k in SHOWN]], per_batch_rows)
-             + "\n")
+             f"With more than {max_rows} batches, consecutive batches are grouped and their scores averaged.\n\n"
+             + md_table(["method", "batch size", "batches", "edits so far", *[k.upper() for k in SHOWN]],
+                        per_batch_rows) + "\n")
     (out_dir / "sequential_sweep.md").write_text(text)
 
     plt = _plt()
@@ -194,10 +219,11 @@ def sequential_sweep(records, out_dir: Path) -> str:
         for col, m in enumerate(PLOTTED):
             ax = axes[row][col]
             for k in mine:
-                bs = batches[k]
-                ax.plot([b["edits_so_far"] for b in bs], [_nan(b["after_batch"][m]) for b in bs], "o-",
+                ws = batch_windows(batches[k], max_points)
+                ax.plot([w["edits_so_far"] for w in ws], [w["after_batch"][m] for w in ws], "o-",
                         ms=3, label=f"B={cells[k]['key']['batch_size']}")
-            _style_panel(ax, f"{label}: {LABEL[m]}\n(right after each batch)", "edits so far", fontsize=9)
+            _style_panel(ax, f"{label}: {LABEL[m]}\n(right after each batch; <= {max_points} window means)",
+                         "edits so far", fontsize=9)
         axes[row][0].legend(fontsize=8)
     for col, m in enumerate(PLOTTED):
         ax = axes[-1][col]

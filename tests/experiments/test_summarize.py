@@ -1,4 +1,5 @@
 """summarize: markdown tables and PNG plots from small synthetic JSONL files."""
+import math
 import json
 
 from experiments import summarize
@@ -50,3 +51,15 @@ def test_summarize_writes_tables_and_plots(tmp_path):
 
 def test_summarize_with_no_files(tmp_path):
     assert summarize.summarize(tmp_path / "no1", tmp_path / "no2", None, tmp_path / "out") == {}
+
+
+def test_batch_windows_average_consecutive_batches():
+    batches = [{"batch_index": i, "edits_so_far": i + 1,
+                "after_batch": {"es": 100.0, "ns": 100.0 * (i % 2), "ps": None}} for i in range(10)]
+    alone = summarize.batch_windows(batches[:3], max_windows=8)
+    assert [(w["first"], w["last"], w["edits_so_far"]) for w in alone] == [(0, 0, 1), (1, 1, 2), (2, 2, 3)]
+    assert [w["after_batch"]["ns"] for w in alone] == [0.0, 100.0, 0.0]
+    grouped = summarize.batch_windows(batches, max_windows=4)
+    assert [(w["first"], w["last"]) for w in grouped] == [(0, 1), (2, 4), (5, 7), (8, 9)]
+    assert [w["after_batch"]["ns"] for w in grouped] == [50.0, 100 / 3, 200 / 3, 50.0]
+    assert grouped[-1]["edits_so_far"] == 10 and math.isnan(grouped[0]["after_batch"]["ps"])
