@@ -146,6 +146,9 @@ def batch_sweep(records, out_dir: Path) -> str:
         for label in dict.fromkeys(_label(c["key"], many) for c in cells):
             mine = [c for c in cells if _label(c["key"], many) == label]
             ax.plot([c["key"]["batch_size"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
+        if before:  # the same cases unedited: NS is read against it
+            sizes = sorted(before)
+            ax.plot(sizes, [_nan(before[b].get(k)) for b in sizes], "--", color="grey", label="unedited")
         _style_panel(ax, LABEL[k], "batch size", log_x=True)
     axes[0].legend()
     fig.suptitle("Batch editing: MEMIT vs EMMET")
