@@ -7,6 +7,7 @@ Two kinds of metrics, both recorded and labelled:
   * "final_all": after the last batch, over all --total cases (in the cell's final "type": "cell"
     record, together with "after_batch_mean", the aggregate of every batch's after-batch scores).
 B = --total is one batch of the same total (the baseline sequential-batched editing is compared with).
+Each cell also records "before": the same cases scored on the unedited model.
 
 Resuming: a cell counts as finished only once its "cell" record is written. A cell interrupted
 mid-way is recomputed from scratch on restart, under a new attempt id; its earlier per-batch records
@@ -41,7 +42,8 @@ def cell_key(method: str, layer: int, batch_size: int) -> dict:
             "preserve_previous_edits": FLAGS.preserve_previous_edits}
 
 
-def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: common.ResultsLog, key: dict):
+def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: common.ResultsLog, key: dict,
+             before: dict):
     from jaxedit import metrics, schedule
 
     attempt = common.new_attempt()
@@ -63,7 +65,7 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: com
     res = metrics.evaluate(final, cfg, tok, cases, progress=None)
     log.append({"type": "cell", "key": key, "attempt": attempt, "n_batches": -(-len(cases) // batch_size),
                 "final_all": common.aggregate_dict(res.aggregate), "final_cases": common.case_dicts(res.cases),
-                "after_batch_mean": common.aggregate_cases(rows),
+                "after_batch_mean": common.aggregate_cases(rows), "before": before,
                 "hparams": {"mom2_update_weight": hp.mom2_update_weight, "emmet_lambda": hp.emmet_lambda,
                             "v_steps": hp.value.v_num_grad_steps, "cov_samples": hp.covariance.n_samples},
                 "seconds": time.perf_counter() - t0})
@@ -80,10 +82,13 @@ def main(argv):
         return
     cases = common.load_cases(FLAGS.counterfact, n=FLAGS.total, seed=FLAGS.seed)
     cov = common.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
+    from jaxedit import metrics
+
+    before = common.aggregate_dict(metrics.evaluate(params, cfg, tok, cases, progress=None).aggregate)
     for method, b in tqdm(todo, desc="sequential sweep cells"):
         hp = hps[method]
         groups = common.templates(params, cfg, tok, hp, FLAGS.cache_dir)
-        agg = run_cell(params, cfg, tok, cases, hp, cov, groups, b, log, cell_key(method, layer, b))
+        agg = run_cell(params, cfg, tok, cases, hp, cov, groups, b, log, cell_key(method, layer, b), before)
         logging.info("%s B=%d, %d edits: final ES %.1f PS %.1f NS %.1f S %.1f", method, b, len(cases), agg.es,
                      agg.ps, agg.ns, agg.s)
 

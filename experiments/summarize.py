@@ -194,6 +194,10 @@ def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int 
         rows.append([_label(key, many), key["batch_size"], key["total"], c.get("n_batches", len(batches[k])),
                      "final, all edits", *_metric_cells(c["final_all"])])
         rows.append(["", "", "", "", "after each batch (mean)", *_metric_cells(c["after_batch_mean"])])
+    befores = {(cells[k]["key"].get("model"), cells[k]["key"]["total"]): cells[k]["before"]
+               for k in keys if cells[k].get("before")}
+    for (model, total), agg in befores.items():
+        rows.append(["unedited" + (f" ({model})" if many else ""), "–", total, 0, "the same cases", *_metric_cells(agg)])
     text = ("## Sequential-batched sweep\n\n"
             "`final, all edits`: measured once after the last batch, over all edits of the cell. "
             "`after each batch (mean)`: each batch measured right after it was applied, on its own cases, "

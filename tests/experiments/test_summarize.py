@@ -31,7 +31,8 @@ def test_summarize_writes_tables_and_plots(tmp_path):
                 seq.append({"type": "batch", "key": key, "attempt": f"s{m}{b}", "batch_index": i,
                             "edits_so_far": (i + 1) * b, "after_batch": _agg(100, 70, 80)})
             seq.append({"type": "cell", "key": key, "attempt": f"s{m}{b}", "n_batches": 4 // b,
-                        "final_all": _agg(90 - b, 60, 70), "after_batch_mean": _agg(100, 70, 80)})
+                        "final_all": _agg(90 - b, 60, 70), "after_batch_mean": _agg(100, 70, 80),
+                        "before": _agg(20, 30, 95)})
     for name, recs in (("layer", layer), ("batch", batch), ("sequential", seq)):
         _dump(tmp_path / f"{name}.jsonl", recs)
     out = tmp_path / "out"
@@ -45,6 +46,7 @@ def test_summarize_writes_tables_and_plots(tmp_path):
     seq_md = (out / "sequential_sweep.md").read_text()
     assert "| 1.0 | 1.0 | 1.0 |" not in seq_md  # the stale attempt's batch is not shown
     assert seq_md.count("| MEMIT | 1 | 0 | 1 |") == 1
+    assert seq_md.count("| unedited | – | 4 | 0 | the same cases | 20.0 | 30.0 | 95.0 |") == 1
     assert "unedited" in (out / "batch_sweep.md").read_text()
     assert (out / "summary.md").exists()
 
