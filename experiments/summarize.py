@@ -180,7 +180,7 @@ def _mean(values) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
-def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int = 32) -> str:
+def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int = 8) -> str:
     cells, batches = common.latest_complete(records)
     keys = [k for k, c in cells.items() if c["key"].get("sweep") == "sequential"]
     if not keys:
