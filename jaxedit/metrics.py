@@ -100,10 +100,6 @@ class EncodedPair:
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
 
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.target_ids)
-
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
