@@ -40,9 +40,13 @@ from .requests import EditRequest
 
 # =============================================================================== pure scoring maths
 def token_nll(logits: jax.Array, ids: jax.Array) -> jax.Array:
-    """-log softmax(logits)[ids]: logits (..., V), ids (...) int -> (...) float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """-log softmax(logits)[ids]: logits (..., V), ids (...) int -> (...) float32.
+
+    Computed as logsumexp - the target's logit, so the (..., V) log-probabilities are never written.
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 def mean_target_nll(logits: jax.Array, ids: jax.Array, valid: jax.Array) -> jax.Array:
@@ -152,18 +156,16 @@ class TreeRow:
     ends: tuple[int, ...]
 
 
-def pack_token_trees(seqs: Sequence[Sequence[int]], width: int) -> tuple[list[TreeRow], list[tuple[int, tuple[int, ...]]]]:
-    """Packs token sequences into rows of at most `width` tokens, as prefix trees.
+def _prefix_tree_pieces(seqs: Sequence[Sequence[int]], width: int) -> list[tuple[list, list, list, list]]:
+    """Cuts the sorted sequences into prefix trees of at most `width` tokens, in depth-first order.
 
-    Sequences are sorted, so each shares its longest common prefix with the one before it; only the
-    tokens after that prefix are added. In sorted order the new tokens land in depth-first order,
-    so a token's subtree is the slot range [slot, end) and attention needs only each key's end.
-    Returns the rows and, per sequence, (row, slot of each of its tokens).
+    Sorted, each sequence shares its longest common prefix with the one before it, and only the
+    tokens after that prefix are added, so the new tokens land in depth-first order and a token's
+    subtree is the slot range [slot, end). A new piece starts at a new first token (nothing to
+    share) or when the tree would outgrow the width (the shared prefix is then repeated).
+    Returns per piece (tokens, depths, ends, [(sequence index, slots of its tokens)]).
     """
-    if any(len(s) > width for s in seqs):
-        raise ValueError(f"a sequence of {max(len(s) for s in seqs)} tokens does not fit rows of width {width}")
-    rows: list[dict] = []
-    paths: list = [None] * len(seqs)
+    pieces: list[tuple[list, list, list, list]] = []
     prev: tuple[int, ...] = ()
     prev_path: list[int] = []
     for i in sorted(range(len(seqs)), key=lambda i: tuple(seqs[i])):
@@ -171,19 +173,43 @@ def pack_token_trees(seqs: Sequence[Sequence[int]], width: int) -> tuple[list[Tr
         shared = 0
         while shared < min(len(seq), len(prev)) and seq[shared] == prev[shared]:
             shared += 1
-        if not rows or len(rows[-1]["tokens"]) + len(seq) - shared > width:
-            rows.append({"tokens": [], "depths": [], "ends": []})
+        if shared == 0 or len(pieces[-1][0]) + len(seq) - shared > width:
+            pieces.append(([], [], [], []))
             shared = 0
-        row = rows[-1]
-        path = prev_path[:shared] + list(range(len(row["tokens"]), len(row["tokens"]) + len(seq) - shared))
-        row["tokens"] += seq[shared:]
-        row["depths"] += range(shared, len(seq))
-        row["ends"] += [0] * (len(seq) - shared)
+        tokens, depths, ends, members = pieces[-1]
+        path = prev_path[:shared] + list(range(len(tokens), len(tokens) + len(seq) - shared))
+        tokens += seq[shared:]
+        depths += range(shared, len(seq))
+        ends += [0] * (len(seq) - shared)
         for slot in path:  # every token of the path has this sequence's last token in its subtree
-            row["ends"][slot] = max(row["ends"][slot], path[-1] + 1)
-        paths[i] = (len(rows) - 1, tuple(path))
+            ends[slot] = max(ends[slot], path[-1] + 1)
+        members.append((i, path))
         prev, prev_path = seq, path
-    return [TreeRow(tuple(r["tokens"]), tuple(r["depths"]), tuple(r["ends"])) for r in rows], paths
+    return pieces
+
+
+def pack_token_trees(seqs: Sequence[Sequence[int]], width: int) -> tuple[list[TreeRow], list[tuple[int, tuple[int, ...]]]]:
+    """Packs token sequences into rows of at most `width` tokens, as prefix trees.
+
+    Sequences sharing leading tokens share those tokens' slots (_prefix_tree_pieces); the trees go
+    into rows first-fit in decreasing size, which leaves little padding at the rows' ends.
+    Returns the rows and, per sequence, (row, slot of each of its tokens).
+    """
+    if any(len(s) > width for s in seqs):
+        raise ValueError(f"a sequence of {max(len(s) for s in seqs)} tokens does not fit rows of width {width}")
+    rows: list[tuple[list, list, list]] = []
+    paths: list = [None] * len(seqs)
+    for tokens, depths, ends, members in sorted(_prefix_tree_pieces(seqs, width), key=lambda p: -len(p[0])):
+        r = next((r for r, row in enumerate(rows) if len(row[0]) + len(tokens) <= width), len(rows))
+        if r == len(rows):
+            rows.append(([], [], []))
+        offset = len(rows[r][0])
+        rows[r][0].extend(tokens)
+        rows[r][1].extend(depths)
+        rows[r][2].extend(e + offset for e in ends)
+        for i, path in members:
+            paths[i] = (r, tuple(offset + s for s in path))
+    return [TreeRow(tuple(t), tuple(d), tuple(e)) for t, d, e in rows], paths
 
 
 def _progress(items, enabled: bool | None, desc: str, threshold: int = 8):

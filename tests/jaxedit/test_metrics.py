@@ -88,20 +88,43 @@ def test_sequence_target_nll_reads_logits_before_each_target_token():
     assert float(metrics.sequence_target_nll(changed, tokens, target_mask)[0]) == pytest.approx(want, rel=1e-6)
 
 
+def _check_tree_rows(seqs, rows, paths, width):
+    """Each path spells its sequence; a slot's subtree [slot, end) holds exactly its descendants."""
+    for seq, (r, path) in zip(seqs, paths):
+        assert tuple(rows[r].tokens[k] for k in path) == tuple(seq)
+        assert tuple(rows[r].depths[k] for k in path) == tuple(range(len(seq)))
+        assert all(a < b < rows[r].ends[a] for a, b in zip(path, path[1:]))  # ancestors' subtrees hold it
+    for row in rows:
+        assert len(row.tokens) <= width
+        for slot, (depth, end) in enumerate(zip(row.depths, row.ends)):
+            assert slot < end <= len(row.tokens)
+            assert all(row.depths[k] > depth for k in range(slot + 1, end))  # only descendants inside
+
+
 def test_pack_token_trees_shares_prefixes_in_depth_first_order():
     seqs = [(5, 6, 7), (5, 6, 8, 9), (1, 2), (5, 6, 7), (5,), (3, 4, 4, 4)]
     rows, paths = metrics.pack_token_trees(seqs, width=8)
-    # sorted: (1,2) (3,4,4,4) (5,) fill 7 of 8; (5,6,7) would add 2 more, so a new row starts
-    assert [r.tokens for r in rows] == [(1, 2, 3, 4, 4, 4, 5), (5, 6, 7, 8, 9)]
-    assert rows[0].depths == (0, 1, 0, 1, 2, 3, 0) and rows[0].ends == (2, 2, 6, 6, 6, 6, 7)
-    assert rows[1].depths == (0, 1, 2, 2, 3)
-    assert rows[1].ends == (5, 5, 3, 5, 5)  # 7 is a leaf; 8's subtree holds 9
-    assert paths[0] == paths[3] == (1, (0, 1, 2)) and paths[1] == (1, (0, 1, 3, 4)) and paths[4] == (0, (6,))
-    for seq, (r, path) in zip(seqs, paths):  # each path spells its sequence
-        assert tuple(rows[r].tokens[k] for k in path) == seq
-        assert all(rows[r].ends[a] > b for a, b in zip(path, path[1:]))  # ancestors' subtrees hold it
+    # trees (1 2), (3 4 4 4), (5 6 7 8 9): first fit in decreasing size
+    assert [r.tokens for r in rows] == [(5, 6, 7, 8, 9, 1, 2), (3, 4, 4, 4)]
+    assert rows[0].depths == (0, 1, 2, 2, 3, 0, 1) and rows[0].ends == (5, 5, 3, 5, 5, 7, 7)
+    assert rows[1].depths == (0, 1, 2, 3) and rows[1].ends == (4, 4, 4, 4)  # 7 is a leaf; 8's subtree holds 9
+    assert paths[0] == paths[3] == (0, (0, 1, 2)) and paths[1] == (0, (0, 1, 3, 4)) and paths[4] == (0, (0,))
+    assert paths[2] == (0, (5, 6))
+    _check_tree_rows(seqs, rows, paths, 8)
     with pytest.raises(ValueError, match="5 tokens does not fit rows of width 4"):
         metrics.pack_token_trees([(1, 2, 3, 4, 5)], width=4)
+
+
+def test_pack_token_trees_splits_big_trees_and_fills_rows():
+    rng = np.random.default_rng(0)
+    seqs = [tuple(int(t) for t in rng.integers(0, 3, size=rng.integers(1, 9))) for _ in range(200)]
+    rows, paths = metrics.pack_token_trees(seqs, width=16)
+    _check_tree_rows(seqs, rows, paths, 16)
+    distinct_prefixes = {s[:k] for s in seqs for k in range(1, len(s) + 1)}
+    n_tokens = sum(len(r.tokens) for r in rows)
+    # a tree bigger than a row is cut, repeating only the cut prefixes; rows are nearly full
+    assert len(distinct_prefixes) <= n_tokens < 1.5 * len(distinct_prefixes)
+    assert n_tokens / (16 * len(rows)) > 0.85
 
 
 # ------------------------------------------------------------------------------- aggregation by hand
