@@ -15,8 +15,13 @@ from .config import LlamaConfig
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., in) with w (out, in) -> (..., out)."""
-    return jnp.einsum("...i,oi->...o", x, w)
+    """x (..., in) with w (out, in) -> (..., out) in x's dtype.
+
+    The weight's dtype is the multiply precision (x is rounded to it) and sums are float32, as
+    GPU matmuls do; so bfloat16 weights under float32 activations give mixed-precision inference
+    (model.matrices_as), and CPUs with bfloat16 dot instructions run it at their bfloat16 rate.
+    """
+    return jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -66,6 +66,21 @@ def init_params(cfg: LlamaConfig, rng: jax.Array, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+DECODER_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def matrices_as(params: Params, dtype) -> Params:
+    """The decoder layers' matrices in `dtype`, everything else as it is.
+
+    With bfloat16 matrices under a float32 config this is mixed-precision inference: every layer
+    matmul multiplies in bfloat16 and sums in float32 (math.linear), while the residual stream,
+    norms, attention softmax and the unembedding stay float32. It halves the matrices' memory and,
+    where the hardware has bfloat16 dot instructions, roughly doubles their speed.
+    """
+    layers = {name: (w.astype(dtype) if name in DECODER_MATRICES else w) for name, w in params["layers"].items()}
+    return {**params, "layers": layers}
+
+
 # ------------------------------------------------------------------------- sites
 @flax.struct.dataclass
 class Capture:

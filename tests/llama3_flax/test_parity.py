@@ -112,3 +112,33 @@ def test_bfloat16_forward_is_as_accurate_as_transformers_bfloat16(kv_heads):
     exact = model.forward(params32, cfg.replace(dtype="float32"), jnp.asarray(tokens), jnp.asarray(mask))
     assert rel_err(got, want, mask) <= 3e-2
     assert rel_err(got, exact, mask) <= 1.5 * rel_err(want, exact, mask)
+
+
+def test_linear_multiplies_at_the_weight_dtype_and_sums_in_float32():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
+    got = lm.linear(x, w)
+    assert got.dtype == jnp.float32
+    rounded = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(np.asarray(got), rounded, rtol=1e-5, atol=1e-5)
+    both = lm.linear(x.astype(jnp.bfloat16), w)  # bfloat16 in, float32 sums, rounded once at the end
+    assert both.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(both, np.float32), np.asarray(jnp.asarray(rounded, jnp.float32).astype(jnp.bfloat16), np.float32))
+
+
+def test_mixed_precision_matrices_beat_a_bfloat16_forward():
+    """bfloat16 decoder matrices under float32 activations (model.matrices_as): the norms, embedding
+    and unembedding stay float32, and the logits are closer to float32 than an all-bfloat16 forward."""
+    cfg = config.tiny(num_key_value_heads=2)
+    params = model.init_params(cfg, jax.random.PRNGKey(0), std=0.1)
+    mixed = model.matrices_as(params, jnp.bfloat16)
+    assert mixed["layers"]["down_proj"].dtype == jnp.bfloat16 and mixed["layers"]["input_layernorm"].dtype == jnp.float32
+    assert mixed["embed_tokens"].dtype == jnp.float32
+    tokens, mask = padded_batch(np.random.default_rng(0), [40, 20], cfg.vocab_size, "left")
+    forward = lambda p, c: model.forward(p, c, jnp.asarray(tokens), jnp.asarray(mask))
+    exact = forward(params, cfg)
+    got = forward(mixed, cfg)
+    all_bf16 = forward(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), cfg.replace(dtype="bfloat16"))
+    assert got.dtype == jnp.float32
+    assert 0 < rel_err(got, exact, mask) < 0.7 * rel_err(all_bf16, exact, mask)
