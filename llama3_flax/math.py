@@ -21,7 +21,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     GPU matmuls do; so bfloat16 weights under float32 activations give mixed-precision inference
     (model.matrices_as), and CPUs with bfloat16 dot instructions run it at their bfloat16 rate.
     """
-    return jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+    sums = jnp.promote_types(w.dtype, jnp.float32)  # float64 stays float64
+    return jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=sums).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
