@@ -10,9 +10,11 @@
     scaled to the batch by loss evaluations (the baseline evaluates the loss steps + 1 times per
     request; jaxedit's per-request step counts, which equal the baseline's (experiments/compare_torch),
     give the evaluations of the requests not run). --torch_value_requests=32 measures all of them.
-(c) Scoring CounterFact prompts: jaxedit.metrics.evaluate (bucketed jit batches, unembedding only at
-    target positions) against one PyTorch forward per prompt (its two target continuations as a
-    batch of 2), on the same cases; both scores are checked to agree.
+(c) Scoring CounterFact prompts: jaxedit.metrics.evaluate (prefix-tree rows, unembedding only where
+    a target token is predicted) against one PyTorch forward per prompt (its two target continuations
+    as a batch of 2), on the same cases, each in float32 and with bfloat16 matmuls (jaxedit: bfloat16
+    decoder matrices under float32 activations; PyTorch: the model in bfloat16). Every scorer's NLLs
+    are compared with PyTorch float32's, and so are its new-vs-true decisions (what ES/PS/NS count).
 (d) The value optimisation's FLOPs (analytic count, below) per second achieved by each implementation,
     against the measured rate of a large float32 matmul in JAX (and in PyTorch).
 
@@ -21,6 +23,7 @@ shared with other busy processes, 1 thread can be much faster (OpenMP barriers s
 small matmuls), on a quiet one the default is PyTorch's best.
 
     python benchmarks/edit_speed.py [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 32]
+                                    [--score_repeats 2]
                                     [--torch_threads 0]
                                     [--skip a c] [--json_out runs/edit_speed.json]
 """
@@ -33,6 +36,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -247,30 +252,56 @@ def part_b(ctx, args, a_res):
             "torch_evaluations_all": evals_all, "extrapolated": k < b}
 
 
+def _best_of(fn, repeats: int):
+    """(result, fastest seconds) of `repeats` runs."""
+    runs = [_timed(fn) for _ in range(max(1, repeats))]
+    return runs[-1][0], min(t for _, t in runs)
+
+
+def _decisions_changed(nll, reference) -> int:
+    """Prompts where "new beats true" (the ES/PS/NS comparison) differs from the reference's."""
+    return int(np.sum((nll[:, 0] < nll[:, 1]) != (reference[:, 0] < reference[:, 1])))
+
+
 def part_c(ctx, args):
-    """Scoring CounterFact prompts."""
-    import numpy as np
+    """Scoring CounterFact prompts, in float32 and with bfloat16 matmuls, jaxedit and PyTorch."""
+    import copy
+
+    import jax.numpy as jnp
+    import torch
 
     from jaxedit import metrics
     from jaxedit import torch_baseline as tb
+    from llama3_flax import model as lm_model
 
     params, cfg, tok = ctx["params"], ctx["cfg"], ctx["tok"]
     cases = ctx["requests"][:args.score_cases]
     triples = [(p, r.target_new, r.target_true) for r in cases
                for p in (r.filled_prompt, *r.paraphrase_prompts, *r.neighborhood_prompts)]
     print(f"(c) scoring {len(triples)} prompts x 2 targets ...", file=sys.stderr, flush=True)
-    _, first = _timed(lambda: metrics.evaluate(params, cfg, tok, cases, progress=False))
-    ev, warm = _timed(lambda: metrics.evaluate(params, cfg, tok, cases, progress=False))
-    nll_t, t_torch = _timed(lambda: tb.score_prompts(ctx["torch_model"], tok, triples))
-    # the same numbers from both
-    ours = []
-    for c in ev.cases:
-        for pair in (*c.rewrite_nll, *c.paraphrase_nll, *c.neighborhood_nll):
-            ours.append(pair)
-    diff = float(np.max(np.abs(np.asarray(ours) - nll_t)))
-    flops = scoring_flops(cfg, tok, triples)
-    return {"cases": len(cases), "prompts": len(triples), "jaxedit": warm, "jaxedit_compile": max(0.0, first - warm),
-            "torch": t_torch, "max_abs_nll_diff": diff, **flops}
+
+    def jaxedit_nll(p):
+        ev = metrics.evaluate(p, cfg, tok, cases, progress=False)
+        return np.asarray([pair for c in ev.cases for pair in (*c.rewrite_nll, *c.paraphrase_nll, *c.neighborhood_nll)])
+
+    torch_bf16 = copy.deepcopy(ctx["torch_model"]).to(torch.bfloat16)
+    scorers = [("jaxedit", "float32", lambda: jaxedit_nll(params)),
+               ("jaxedit", "bfloat16 matmuls (matrices_as)",
+                lambda: jaxedit_nll(lm_model.matrices_as(params, jnp.bfloat16))),
+               ("PyTorch, one forward per prompt", "float32", lambda: tb.score_prompts(ctx["torch_model"], tok, triples)),
+               ("PyTorch, one forward per prompt", "bfloat16", lambda: tb.score_prompts(torch_bf16, tok, triples))]
+    rows = []
+    for who, precision, fn in scorers:
+        compile_s = _timed(fn)[1] if who == "jaxedit" else 0.0  # PyTorch needs no warm-up run
+        nll, seconds = _best_of(fn, args.score_repeats)
+        rows.append({"who": who, "precision": precision, "seconds": seconds, "nll": nll,
+                     "compile": max(0.0, compile_s - seconds)})
+    reference = rows[2]["nll"]  # PyTorch float32
+    for r in rows:
+        nll = r.pop("nll")
+        r["max_abs_nll_diff"] = float(np.max(np.abs(nll - reference)))
+        r["decisions_changed"] = _decisions_changed(nll, reference)
+    return {"cases": len(cases), "prompts": len(triples), "rows": rows, **scoring_flops(cfg, tok, triples)}
 
 
 def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) -> dict:
@@ -297,7 +328,8 @@ def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) 
         n = len(tb._ids(tok, p))
         t = n + max(len(tb.target_ids(tok, new)), len(tb.target_ids(tok, true)))
         torch_f += 2 * t * (layer(t) + unembed)
-    return {"flops_jaxedit": jax_f, "flops_torch": torch_f, "rows": len(rows), "rows_jaxedit": padded_rows,
+    return {"flops_jaxedit": jax_f, "flops_torch": torch_f, "rows_packed": len(rows), "rows_jaxedit": padded_rows,
+            "row_width": width,
             "pairs": len(enc), "tree_tokens": tree_tokens, "pair_tokens": sum(len(q) for q in seqs) + len(seqs),
             "torch_tokens": sum(2 * (len(tb._ids(tok, p)) + max(len(tb.target_ids(tok, a)), len(tb.target_ids(tok, b))))
                                 for p, a, b in triples)}
@@ -334,6 +366,7 @@ def main(argv=None):
     parser.add_argument("--torch_value_requests", type=int, default=8,
                         help="requests whose baseline value optimisation is run (0: all); scaled to the batch")
     parser.add_argument("--score_cases", type=int, default=32)
+    parser.add_argument("--score_repeats", type=int, default=2, help="timed runs per scorer (the fastest is kept)")
     parser.add_argument("--cov_samples", type=int, default=200)
     parser.add_argument("--v_num_grad_steps", type=int, default=None, help="override (both implementations)")
     parser.add_argument("--matmul", type=int, default=2048, help="size of the matmul whose rate is measured")
@@ -408,19 +441,22 @@ def main(argv=None):
             tj2 = r["keys"] + r["values"] + r["solve_cached_factor"]
             print(f"with C0's factor cached (once per layer): jaxedit {tj2:.2f}s, PyTorch / jaxedit {tt / tj2:.2f}")
     if c_res:
-        print(f"\n(c) scoring {c_res['cases']} CounterFact cases ({c_res['prompts']} prompts x 2 targets); "
-              f"max |NLL difference| {c_res['max_abs_nll_diff']:.2g}")
-        print(_table(["scorer", "seconds", "prompts / s"],
-                     [("PyTorch, one forward per prompt", c_res["torch"], c_res["prompts"] / c_res["torch"]),
-                      ("jaxedit.metrics.evaluate (warm)", c_res["jaxedit"], c_res["prompts"] / c_res["jaxedit"]),
-                      ("ratio PyTorch / jaxedit", c_res["torch"] / c_res["jaxedit"], "")], _num))
-        print(f"jaxedit compile {c_res['jaxedit_compile']:.1f}s. Tokens run: PyTorch {c_res['torch_tokens']} "
-              f"(2 rows per prompt, padded to the longer target); one sequence per pair {c_res['pair_tokens']}; "
-              f"jaxedit's prefix trees {c_res['tree_tokens']} in {c_res['rows']} rows "
-              f"({c_res['rows_jaxedit']} with the last call's padding rows). Forward FLOPs: PyTorch "
-              f"{c_res['flops_torch'] / 1e12:.2f} TFLOP ({c_res['flops_torch'] / c_res['torch'] / 1e9:.0f} GFLOP/s), "
-              f"jaxedit {c_res['flops_jaxedit'] / 1e12:.2f} TFLOP "
-              f"({c_res['flops_jaxedit'] / c_res['jaxedit'] / 1e9:.0f} GFLOP/s)")
+        base = c_res["rows"][2]["seconds"]
+        print(f"\n(c) scoring {c_res['cases']} CounterFact cases ({c_res['prompts']} prompts x 2 targets), fastest of "
+              f"{args.score_repeats} warm runs; NLL differences and changed new-vs-true decisions against PyTorch float32")
+        print(_table(["scorer", "precision", "seconds", "prompts / s", "PyTorch float32 / this", "max |NLL diff|",
+                      "decisions changed"],
+                     [(r["who"], r["precision"], r["seconds"], c_res["prompts"] / r["seconds"], base / r["seconds"],
+                       r["max_abs_nll_diff"], r["decisions_changed"]) for r in c_res["rows"]], _num))
+        j32, jmix, _, t16 = c_res["rows"]
+        print(f"PyTorch bfloat16 / jaxedit bfloat16 matmuls {t16['seconds'] / jmix['seconds']:.2f}. "
+              f"jaxedit compile {j32['compile']:.1f}s (float32), {jmix['compile']:.1f}s (bfloat16 matmuls). "
+              f"Tokens run: PyTorch {c_res['torch_tokens']} (2 rows per prompt, padded to the longer target); "
+              f"one sequence per pair {c_res['pair_tokens']}; jaxedit's prefix trees {c_res['tree_tokens']} in "
+              f"{c_res['rows_packed']} rows of {c_res['row_width']} ({c_res['rows_jaxedit']} with the last call's padding "
+              f"rows). Forward FLOPs: PyTorch {c_res['flops_torch'] / 1e12:.2f} TFLOP "
+              f"({c_res['flops_torch'] / base / 1e9:.0f} GFLOP/s in float32), jaxedit {c_res['flops_jaxedit'] / 1e12:.2f} "
+              f"TFLOP ({c_res['flops_jaxedit'] / j32['seconds'] / 1e9:.0f} GFLOP/s in float32)")
     if d_res:
         print(f"\n(d) value optimisation FLOPs vs the measured float32 matmul rate ({args.matmul}^2): "
               f"JAX {d_res['matmul_jax_gflops']:.1f} GFLOP/s, PyTorch {d_res['matmul_torch_gflops']:.1f} GFLOP/s")
