@@ -306,7 +306,7 @@ def part_c(ctx, args):
 
 def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) -> dict:
     """Forward FLOPs of scoring the (prompt, new, true) triples: jaxedit's packed prefix-tree rows
-    (padding rows of the last call included, unembedding where a target token is predicted) vs one
+    (padding rows of the last call included, unembedding once per token that predicts a target token) vs one
     PyTorch forward per prompt (2 rows, logits at every position)."""
     from jaxedit import metrics, tokenize
     from jaxedit import torch_baseline as tb
@@ -317,11 +317,12 @@ def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) 
     enc = metrics.encode_pairs(tok, pairs)
     seqs = [e.prompt_ids + e.target_ids[:-1] for e in enc]
     width = max(row_width, tokenize.bucket(max(len(q) for q in seqs), 8))
-    rows, _ = metrics.pack_token_trees(seqs, width)
+    rows, paths = metrics.pack_token_trees(seqs, width)
     calls = [min(batch_size, len(rows) - s) for s in range(0, len(rows), batch_size)]
     padded_rows = sum(min(batch_size, tokenize.bucket(c, 2)) for c in calls)
-    targets = sum(len(e.target_ids) for e in enc)
-    jax_f = padded_rows * width * layer(width) + unembed * targets
+    # distinct predicting tokens: a prompt's last token predicts both targets' first tokens
+    predictors = {(r, path[len(e.prompt_ids) + j - 1]) for e, (r, path) in zip(enc, paths) for j in range(len(e.target_ids))}
+    jax_f = padded_rows * width * layer(width) + unembed * len(predictors)
     tree_tokens = sum(len(r.tokens) for r in rows)
     torch_f = 0
     for p, new, true in triples:

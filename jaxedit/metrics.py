@@ -79,21 +79,25 @@ def sequence_target_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.A
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def score_tree_rows(params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, ends: jax.Array,
-                    score_tok: jax.Array, score_ids: jax.Array) -> jax.Array:
+                    predictor_tok: jax.Array, score_predictor: jax.Array, score_ids: jax.Array) -> jax.Array:
     """Token NLLs read from rows of packed prefix trees.
 
     Args:
       tokens, positions, ends: (R, W) token ids, RoPE positions (depth in the tree) and subtree ends
         (see pack_token_trees; 0 marks padding).
-      score_tok, score_ids: (M,) flat token index (row * W + slot) whose output predicts a token, and
-        that token's id.
+      predictor_tok: (U,) flat token index (row * W + slot) of each distinct predicting token: it is
+        unembedded once, however many targets it predicts (a prompt's last token predicts the first
+        token of both of its targets).
+      score_predictor, score_ids: (M,) which predictor (index into predictor_tok) predicts each scored
+        token, and that token's id.
     Returns:
       (M,) float32 -log p(score_ids | the predicting token's ancestors).
     """
     h, _ = lm_model.run_layers(params, cfg, lm_model.embed(params, tokens), (ends > 0).astype(jnp.int32),
                                positions=positions, key_ends=ends)
-    h = h.reshape(-1, h.shape[-1])[score_tok]
-    return token_nll(lm_model.logits_from_hidden(params, cfg, h), score_ids)
+    logits = lm_model.logits_from_hidden(params, cfg, h.reshape(-1, h.shape[-1])[predictor_tok])
+    picked = logits[score_predictor, score_ids]
+    return jax.nn.logsumexp(logits, axis=-1)[score_predictor] - picked
 
 
 # ========================================================================================= batching
@@ -246,9 +250,11 @@ def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], batc
             tokens[k, :n], depths[k, :n], ends[k, :n] = rows[r].tokens, rows[r].depths, rows[r].ends
             slots += [(k * width + slot, tid, pair) for slot, tid, pair in scored[r]]
         tok, ids, pair = (np.asarray(x) for x in zip(*slots))
-        m = tokenize.bucket(len(slots), 64)
+        predictors, which = np.unique(tok, return_inverse=True)
+        u, m = tokenize.bucket(len(predictors), 64), tokenize.bucket(len(slots), 64)
+        pad = lambda a, n: jnp.asarray(np.pad(a, (0, n - len(a))))
         nll = score_tree_rows(params, cfg, jnp.asarray(tokens), jnp.asarray(depths), jnp.asarray(ends),
-                              jnp.asarray(np.pad(tok, (0, m - len(tok)))), jnp.asarray(np.pad(ids, (0, m - len(ids)))))
+                              pad(predictors, u), pad(which, m), pad(ids, m))
         np.add.at(total, pair, np.asarray(jax.device_get(nll), np.float64)[:len(slots)])
     return total / np.asarray([len(e.target_ids) for e in encoded], np.float64)
 
