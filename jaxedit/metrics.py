@@ -7,8 +7,9 @@ from the logits at the position before it. Scoring packs all sequences of a call
 `row_width` tokens as prefix trees (pack_token_trees): sequences sharing leading tokens (the two
 targets of one prompt, prompts of one relation) share those tokens' computation, a tree-shaped
 attention mask keeps every token to its own ancestors, and no row is padded to the longest
-sequence. Rows go to the model `batch_size` at a time; the unembedding is applied only where a
-target token is predicted, never to the whole (B, T, V) sequence.
+sequence. Rows go to the model `batch_size` at a time; the unembedding is applied once per token
+that predicts a target token, never to the whole (B, T, V) sequence. Scoring runs at the params'
+precision: model.matrices_as(params, jnp.bfloat16) scores with bfloat16 matmuls (float32 sums).
 
 Per case (all numbers in percent, as the papers report them; "new wins" = NLL(new) < NLL(true),
 i.e. the higher mean-token probability, the reference's comparison):
