@@ -97,6 +97,7 @@ def score_tree_rows(params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.
     h, _ = lm_model.run_layers(params, cfg, lm_model.embed(params, tokens), (ends > 0).astype(jnp.int32),
                                positions=positions, key_ends=ends)
     logits = lm_model.logits_from_hidden(params, cfg, h.reshape(-1, h.shape[-1])[predictor_tok])
+    # token_nll(logits[score_predictor], ...) would copy an (M, V) block; gather the (M,) numbers instead
     picked = logits[score_predictor, score_ids]
     return jax.nn.logsumexp(logits, axis=-1)[score_predictor] - picked
 
