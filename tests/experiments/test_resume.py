@@ -1,5 +1,4 @@
 """A sweep killed mid-way and restarted finishes every cell exactly once (tiny random model)."""
-import json
 import os
 import signal
 import subprocess

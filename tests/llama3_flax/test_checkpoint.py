@@ -9,7 +9,7 @@ import pytest
 from llama3_flax import checkpoint, config, model
 from llama3_flax.checkpoint import CheckpointError
 
-from .reference import random_tokens, rel_err, torch_logits, torch_model
+from .reference import random_tokens, rel_err, torch_logits
 
 TOL = 1e-5
 
