@@ -15,6 +15,8 @@
     as a batch of 2), on the same cases, each in float32 and with bfloat16 matmuls (jaxedit: bfloat16
     decoder matrices under float32 activations; PyTorch: the model in bfloat16). Every scorer's NLLs
     are compared with PyTorch float32's, and so are its new-vs-true decisions (what ES/PS/NS count).
+    For each --score_cases count, --score_repeats rounds run the four scorers back to back, and
+    speed ratios are taken within a round (median and range), so the VM's drift cancels.
 (d) The value optimisation's FLOPs (analytic count, below) per second achieved by each implementation,
     against the measured rate of a large float32 matmul in JAX (and in PyTorch).
 
@@ -22,8 +24,8 @@ PyTorch runs at its default thread count unless --torch_threads says otherwise: 
 shared with other busy processes, 1 thread can be much faster (OpenMP barriers stall multi-threaded
 small matmuls), on a quiet one the default is PyTorch's best.
 
-    python benchmarks/edit_speed.py [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 32]
-                                    [--score_repeats 2]
+    python benchmarks/edit_speed.py [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 64 256]
+                                    [--score_repeats 3]
                                     [--torch_threads 0]
                                     [--skip a c] [--json_out runs/edit_speed.json]
 """
@@ -252,19 +254,23 @@ def part_b(ctx, args, a_res):
             "torch_evaluations_all": evals_all, "extrapolated": k < b}
 
 
-def _best_of(fn, repeats: int):
-    """(result, fastest seconds) of `repeats` runs."""
-    runs = [_timed(fn) for _ in range(max(1, repeats))]
-    return runs[-1][0], min(t for _, t in runs)
-
-
 def _decisions_changed(nll, reference) -> int:
     """Prompts where "new beats true" (the ES/PS/NS comparison) differs from the reference's."""
     return int(np.sum((nll[:, 0] < nll[:, 1]) != (reference[:, 0] < reference[:, 1])))
 
 
 def part_c(ctx, args):
-    """Scoring CounterFact prompts, in float32 and with bfloat16 matmuls, jaxedit and PyTorch."""
+    """Scoring CounterFact prompts, for each of --score_cases."""
+    return [score_comparison(ctx, n, args.score_repeats) for n in args.score_cases]
+
+
+def score_comparison(ctx, n_cases: int, rounds: int) -> dict:
+    """jaxedit and PyTorch scorers, each in float32 and with bfloat16 matmuls, on the first n_cases.
+
+    The four scorers run back to back in each of `rounds` rounds, and speed ratios are taken within
+    a round: on a shared VM whose speed drifts by 10-30% over minutes, a ratio of two runs minutes
+    apart measures the drift as much as the code.
+    """
     import copy
 
     import jax.numpy as jnp
@@ -275,33 +281,42 @@ def part_c(ctx, args):
     from llama3_flax import model as lm_model
 
     params, cfg, tok = ctx["params"], ctx["cfg"], ctx["tok"]
-    cases = ctx["requests"][:args.score_cases]
+    cases = ctx["requests"][:n_cases]
     triples = [(p, r.target_new, r.target_true) for r in cases
                for p in (r.filled_prompt, *r.paraphrase_prompts, *r.neighborhood_prompts)]
-    print(f"(c) scoring {len(triples)} prompts x 2 targets ...", file=sys.stderr, flush=True)
+    print(f"(c) scoring {len(triples)} prompts x 2 targets, {rounds} round(s) ...", file=sys.stderr, flush=True)
 
     def jaxedit_nll(p):
         ev = metrics.evaluate(p, cfg, tok, cases, progress=False)
         return np.asarray([pair for c in ev.cases for pair in (*c.rewrite_nll, *c.paraphrase_nll, *c.neighborhood_nll)])
 
+    mixed = lm_model.matrices_as(params, jnp.bfloat16)
     torch_bf16 = copy.deepcopy(ctx["torch_model"]).to(torch.bfloat16)
     scorers = [("jaxedit", "float32", lambda: jaxedit_nll(params)),
-               ("jaxedit", "bfloat16 matmuls (matrices_as)",
-                lambda: jaxedit_nll(lm_model.matrices_as(params, jnp.bfloat16))),
+               ("jaxedit", "bfloat16 matmuls (matrices_as)", lambda: jaxedit_nll(mixed)),
                ("PyTorch, one forward per prompt", "float32", lambda: tb.score_prompts(ctx["torch_model"], tok, triples)),
                ("PyTorch, one forward per prompt", "bfloat16", lambda: tb.score_prompts(torch_bf16, tok, triples))]
+    compile_s = [_timed(fn)[1] if who == "jaxedit" else 0.0 for who, _, fn in scorers]  # PyTorch needs no warm-up
+    seconds = [[] for _ in scorers]
+    for _ in range(max(1, rounds)):
+        nlls = []
+        for k, (_, _, fn) in enumerate(scorers):
+            nll, t = _timed(fn)
+            nlls.append(nll)
+            seconds[k].append(t)
+    reference, torch32 = nlls[2], np.asarray(seconds[2])  # PyTorch float32
     rows = []
-    for who, precision, fn in scorers:
-        compile_s = _timed(fn)[1] if who == "jaxedit" else 0.0  # PyTorch needs no warm-up run
-        nll, seconds = _best_of(fn, args.score_repeats)
-        rows.append({"who": who, "precision": precision, "seconds": seconds, "nll": nll,
-                     "compile": max(0.0, compile_s - seconds)})
-    reference = rows[2]["nll"]  # PyTorch float32
-    for r in rows:
-        nll = r.pop("nll")
-        r["max_abs_nll_diff"] = float(np.max(np.abs(nll - reference)))
-        r["decisions_changed"] = _decisions_changed(nll, reference)
-    return {"cases": len(cases), "prompts": len(triples), "rows": rows, **scoring_flops(cfg, tok, triples)}
+    for (who, precision, _), nll, s, c in zip(scorers, nlls, seconds, compile_s):
+        ratio = torch32 / np.asarray(s)
+        rows.append({"who": who, "precision": precision, "seconds": min(s), "seconds_per_round": s,
+                     "ratio_median": float(np.median(ratio)), "ratio_min": float(ratio.min()),
+                     "ratio_max": float(ratio.max()), "compile": max(0.0, c - min(s)),
+                     "max_abs_nll_diff": float(np.max(np.abs(nll - reference))),
+                     "decisions_changed": _decisions_changed(nll, reference)})
+    bf16_ratio = np.asarray(seconds[3]) / np.asarray(seconds[1])
+    return {"cases": len(cases), "prompts": len(triples), "rounds": max(1, rounds), "rows": rows,
+            "torch_bf16_over_jaxedit_bf16_median": float(np.median(bf16_ratio)),
+            **scoring_flops(cfg, tok, triples)}
 
 
 def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) -> dict:
@@ -366,8 +381,9 @@ def main(argv=None):
     parser.add_argument("--method", default="memit", choices=["memit", "emmet"])
     parser.add_argument("--torch_value_requests", type=int, default=8,
                         help="requests whose baseline value optimisation is run (0: all); scaled to the batch")
-    parser.add_argument("--score_cases", type=int, default=32)
-    parser.add_argument("--score_repeats", type=int, default=2, help="timed runs per scorer (the fastest is kept)")
+    parser.add_argument("--score_cases", type=int, nargs="+", default=[64], help="case counts scored in (c)")
+    parser.add_argument("--score_repeats", type=int, default=3,
+                        help="rounds of the four scorers in (c); ratios are taken within a round")
     parser.add_argument("--cov_samples", type=int, default=200)
     parser.add_argument("--v_num_grad_steps", type=int, default=None, help="override (both implementations)")
     parser.add_argument("--matmul", type=int, default=2048, help="size of the matmul whose rate is measured")
@@ -392,7 +408,7 @@ def main(argv=None):
     hp = hparams.preset("smollm2-135m", args.method)
     if args.v_num_grad_steps:
         hp = hp.replace(value=dataclasses.replace(hp.value, v_num_grad_steps=args.v_num_grad_steps))
-    requests = counterfact.load_counterfact("edit", n=max(args.batches + [args.score_cases]), seed=args.seed)
+    requests = counterfact.load_counterfact("edit", n=max(args.batches + args.score_cases), seed=args.seed)
     corpus = str(counterfact.data_dir() / "corpus" / "wikitext-103-valid.tokens")
     g = jtemplates.context_templates(params, cfg, tok, hp.templates, cache_dir=args.cache_dir)
     C = covariance.preservation_covariance(params, cfg, tok, corpus, list(hp.layers), n_samples=args.cov_samples,
@@ -441,23 +457,24 @@ def main(argv=None):
             r = a_res["batches"][b_res["batch"]]
             tj2 = r["keys"] + r["values"] + r["solve_cached_factor"]
             print(f"with C0's factor cached (once per layer): jaxedit {tj2:.2f}s, PyTorch / jaxedit {tt / tj2:.2f}")
-    if c_res:
-        base = c_res["rows"][2]["seconds"]
-        print(f"\n(c) scoring {c_res['cases']} CounterFact cases ({c_res['prompts']} prompts x 2 targets), fastest of "
-              f"{args.score_repeats} warm runs; NLL differences and changed new-vs-true decisions against PyTorch float32")
-        print(_table(["scorer", "precision", "seconds", "prompts / s", "PyTorch float32 / this", "max |NLL diff|",
-                      "decisions changed"],
-                     [(r["who"], r["precision"], r["seconds"], c_res["prompts"] / r["seconds"], base / r["seconds"],
-                       r["max_abs_nll_diff"], r["decisions_changed"]) for r in c_res["rows"]], _num))
-        j32, jmix, _, t16 = c_res["rows"]
-        print(f"PyTorch bfloat16 / jaxedit bfloat16 matmuls {t16['seconds'] / jmix['seconds']:.2f}. "
+    for c in c_res or []:
+        j32, jmix, t32, t16 = c["rows"]
+        print(f"\n(c) scoring {c['cases']} CounterFact cases ({c['prompts']} prompts x 2 targets), {c['rounds']} "
+              f"round(s) of the four scorers back to back: fastest seconds, and the speed ratio per round (median, "
+              f"range); NLL differences and changed new-vs-true decisions against PyTorch float32")
+        print(_table(["scorer", "precision", "seconds", "prompts / s", "PyTorch float32 / this", "range",
+                      "max |NLL diff|", "decisions changed"],
+                     [(r["who"], r["precision"], r["seconds"], c["prompts"] / r["seconds"], r["ratio_median"],
+                       f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", r["max_abs_nll_diff"], r["decisions_changed"])
+                      for r in c["rows"]], _num))
+        print(f"PyTorch bfloat16 / jaxedit bfloat16 matmuls {c['torch_bf16_over_jaxedit_bf16_median']:.2f} (median). "
               f"jaxedit compile {j32['compile']:.1f}s (float32), {jmix['compile']:.1f}s (bfloat16 matmuls). "
-              f"Tokens run: PyTorch {c_res['torch_tokens']} (2 rows per prompt, padded to the longer target); "
-              f"one sequence per pair {c_res['pair_tokens']}; jaxedit's prefix trees {c_res['tree_tokens']} in "
-              f"{c_res['rows_packed']} rows of {c_res['row_width']} ({c_res['rows_jaxedit']} with the last call's padding "
-              f"rows). Forward FLOPs: PyTorch {c_res['flops_torch'] / 1e12:.2f} TFLOP "
-              f"({c_res['flops_torch'] / base / 1e9:.0f} GFLOP/s in float32), jaxedit {c_res['flops_jaxedit'] / 1e12:.2f} "
-              f"TFLOP ({c_res['flops_jaxedit'] / j32['seconds'] / 1e9:.0f} GFLOP/s in float32)")
+              f"Tokens run: PyTorch {c['torch_tokens']} (2 rows per prompt, padded to the longer target); "
+              f"one sequence per pair {c['pair_tokens']}; jaxedit's prefix trees {c['tree_tokens']} in "
+              f"{c['rows_packed']} rows of {c['row_width']} ({c['rows_jaxedit']} with the last call's padding "
+              f"rows). Forward FLOPs: PyTorch {c['flops_torch'] / 1e12:.2f} TFLOP "
+              f"({c['flops_torch'] / t32['seconds'] / 1e9:.0f} GFLOP/s in float32), jaxedit {c['flops_jaxedit'] / 1e12:.2f} "
+              f"TFLOP ({c['flops_jaxedit'] / j32['seconds'] / 1e9:.0f} GFLOP/s in float32)")
     if d_res:
         print(f"\n(d) value optimisation FLOPs vs the measured float32 matmul rate ({args.matmul}^2): "
               f"JAX {d_res['matmul_jax_gflops']:.1f} GFLOP/s, PyTorch {d_res['matmul_torch_gflops']:.1f} GFLOP/s")
