@@ -4,8 +4,9 @@ setup(
     name="jaxedit",
     version="0.1.0",
     description="ROME, MEMIT and EMMET fact editing for Llama-3-family models in JAX/Flax",
-    packages=find_packages(include=["jaxedit", "jaxedit.*", "llama3_flax", "llama3_flax.*",
-                                    "experiments", "experiments.*"]),
+    # experiments/, benchmarks/ and baselines/ run from a checkout (python -m experiments.demo); only
+    # the two libraries are installed.
+    packages=find_packages(include=["jaxedit", "jaxedit.*", "llama3_flax", "llama3_flax.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

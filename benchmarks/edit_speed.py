@@ -4,19 +4,19 @@
     requests. Every stage is timed warm: the value optimisation is compiled ahead of time for the
     exact shapes, the other stages run once before the timed run; compile seconds are listed apart.
 (b) MEMIT batch 32 at one layer, end to end (keys + values + solve): jaxedit against the PyTorch
-    baseline (jaxedit.torch_baseline: one request at a time, the full model at every Adam step, the
+    baseline (baselines.torch_reference: one request at a time, the full model at every Adam step, the
     way the reference implementations work). The baseline's keys and solve run on all requests; its
     value optimisation, linear in the number of requests, runs on --torch_value_requests of them and is
     scaled to the batch by loss evaluations (the baseline evaluates the loss steps + 1 times per
     request; jaxedit's per-request step counts, which equal the baseline's (experiments/compare_torch),
     give the evaluations of the requests not run). --torch_value_requests=32 measures all of them.
-(c) Scoring CounterFact prompts: jaxedit.metrics.evaluate (prefix-tree rows, unembedding only where
+(c) Scoring CounterFact prompts: jaxedit.eval.metrics.evaluate (prefix-tree rows, unembedding only where
     a target token is predicted) against one PyTorch forward per prompt (its two target continuations
     as a batch of 2), on the same cases, each in float32 and with bfloat16 matmuls (jaxedit: bfloat16
     decoder matrices under float32 activations; PyTorch: the model in bfloat16). Every scorer's NLLs
     are compared with PyTorch float32's, and so are its new-vs-true decisions (what ES/PS/NS count).
     For each --score_cases count, --score_repeats rounds run the four scorers back to back, and
-    speed ratios are taken within a round (median and range), so the VM's drift cancels.
+    speed ratios are taken within a round (median and range), so drift in the machine speed cancels.
 (d) The value optimisation's FLOPs (analytic count, below) per second achieved by each implementation,
     against the measured rate of a large float32 matmul in JAX (and in PyTorch).
 
@@ -24,7 +24,7 @@ PyTorch runs at its default thread count unless --torch_threads says otherwise: 
 shared with other busy processes, 1 thread can be much faster (OpenMP barriers stall multi-threaded
 small matmuls), on a quiet one the default is PyTorch's best.
 
-    python benchmarks/edit_speed.py [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 64 256]
+    python -m benchmarks.edit_speed [--batches 1 8 32] [--torch_value_requests 8] [--score_cases 64 256]
                                     [--score_repeats 3]
                                     [--torch_threads 0]
                                     [--skip a c] [--json_out runs/edit_speed.json]
@@ -35,14 +35,17 @@ import argparse
 import dataclasses
 import json
 import os
+
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jaxedit import packing
+from jaxedit.data import paths
+from jaxedit.hparams import CovarianceHparams
+
 
 
 # =============================================================================== FLOP model
@@ -59,7 +62,7 @@ def attention_flops_per_token(cfg, context: int) -> int:
 
 
 def jaxedit_value_flops(cfg, layer: int, shape: dict, iterations: int) -> dict:
-    """FLOPs of jaxedit.values.optimise_values for one chunk of `value_batch_shape`'s shape.
+    """FLOPs of jaxedit.editing.values.optimise_values for one chunk of `value_batch_shape`'s shape.
 
     rows x t: the padded token batch; slots: token slots recomputed per step (the rows' suffixes from
     the subject's last token, packed into lanes); cache: key slots per lane; target_slots: scored slots
@@ -150,8 +153,8 @@ def _num(i, v):
 def value_batch_shape(tokenizer, requests, templates) -> dict:
     """The sizes of jaxedit's value batch for these requests (see jaxedit_value_flops)."""
 
-    from jaxedit import values as jvalues
-    from jaxedit.templates import flat
+    from jaxedit.editing import values as jvalues
+    from jaxedit.editing.templates import flat
 
     b = jvalues.build_value_batch(tokenizer, requests, flat(templates))
     return {"rows": int(b.tokens.shape[0]), "t": int(b.tokens.shape[1]), "slots": b.lanes.tokens,
@@ -160,8 +163,8 @@ def value_batch_shape(tokenizer, requests, templates) -> dict:
 
 def torch_value_rows(tokenizer, request, templates):
     """(rows, padded length) of the baseline's value batch for one request."""
-    from jaxedit import torch_baseline as tb
-    from jaxedit.templates import flat
+    from baselines import torch_reference as tb
+    from jaxedit.editing.templates import flat
 
     tgt = tb.target_ids(tokenizer, request.target_new)
     lengths = [len(tb._ids(tokenizer, tb.fill_template(t, request.prompt, request.subject)[1])) + len(tgt) - 1
@@ -175,8 +178,8 @@ def part_a(ctx, args):
     """jaxedit per stage for each batch size (MEMIT)."""
     import jax
 
-    from experiments.compare_torch import jaxedit_edit, jaxedit_values
-    from jaxedit import covariance, pm, templates as jtemplates
+    from benchmarks.stages import jaxedit_edit, jaxedit_values
+    from jaxedit.editing import covariance, pm, templates as jtemplates
 
     params, cfg, tok, hp, g, C, reqs = (ctx[k] for k in ("params", "cfg", "tok", "hp", "templates", "C", "requests"))
     res = {"batches": {}, "compile": {}}
@@ -185,9 +188,9 @@ def part_a(ctx, args):
     _, warm = _timed(lambda: jtemplates.generate_context_templates(params, cfg, tok, hp.templates))
     res["templates"], res["compile"]["templates"] = warm, max(0.0, first - warm)
     # C0: one corpus pass for the edited layer, no cache
+    spec = CovarianceHparams(corpus=ctx["corpus"], n_samples=args.cov_samples, max_length=128)
     cov = lambda: jax.block_until_ready(covariance.preservation_covariance(
-        params, cfg, tok, ctx["corpus"], list(hp.layers), n_samples=args.cov_samples, max_length=128, batch_size=8,
-        cache_dir=None, progress=False))
+        params, cfg, tok, list(hp.layers), spec, cache_dir=None, progress=False))
     _, first = _timed(cov)
     _, warm = _timed(cov)
     res["C0"], res["compile"]["C0"] = warm, max(0.0, first - warm)
@@ -218,9 +221,9 @@ def part_b(ctx, args, a_res):
     """MEMIT at the largest batch: jaxedit end to end vs the PyTorch baseline."""
     import numpy as np
 
-    from experiments.compare_torch import jaxedit_edit, jaxedit_values
-    from jaxedit import torch_baseline as tb
-    from jaxedit.templates import flat
+    from benchmarks.stages import jaxedit_edit, jaxedit_values
+    from baselines import torch_reference as tb
+    from jaxedit.editing.templates import flat
 
     params, cfg, tok, hp, g, C, reqs = (ctx[k] for k in ("params", "cfg", "tok", "hp", "templates", "C", "requests"))
     b = max(args.batches)
@@ -276,8 +279,8 @@ def score_comparison(ctx, n_cases: int, rounds: int) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from jaxedit import metrics
-    from jaxedit import torch_baseline as tb
+    from jaxedit.eval import metrics
+    from baselines import torch_reference as tb
     from llama3_flax import model as lm_model
 
     params, cfg, tok = ctx["params"], ctx["cfg"], ctx["tok"]
@@ -323,18 +326,18 @@ def scoring_flops(cfg, tok, triples, batch_size: int = 16, row_width: int = 64) 
     """Forward FLOPs of scoring the (prompt, new, true) triples: jaxedit's packed prefix-tree rows
     (padding rows of the last call included, unembedding once per token that predicts a target token) vs one
     PyTorch forward per prompt (2 rows, logits at every position)."""
-    from jaxedit import metrics, tokenize
-    from jaxedit import torch_baseline as tb
+    from jaxedit.eval import scoring
+    from baselines import torch_reference as tb
 
     layer = lambda t: cfg.num_hidden_layers * (linear_flops_per_token(cfg) + attention_flops_per_token(cfg, t // 2))
     unembed = 2 * cfg.hidden_size * cfg.vocab_size
     pairs = list(dict.fromkeys((p, t) for p, new, true in triples for t in (new, true)))
-    enc = metrics.encode_pairs(tok, pairs)
+    enc = scoring.encode_pairs(tok, pairs)
     seqs = [e.prompt_ids + e.target_ids[:-1] for e in enc]
-    width = max(row_width, tokenize.bucket(max(len(q) for q in seqs), 8))
-    rows, paths = metrics.pack_token_trees(seqs, width)
+    width = max(row_width, packing.bucket(max(len(q) for q in seqs), 8))
+    rows, paths = scoring.pack_token_trees(seqs, width)
     calls = [min(batch_size, len(rows) - s) for s in range(0, len(rows), batch_size)]
-    padded_rows = sum(min(batch_size, tokenize.bucket(c, 2)) for c in calls)
+    padded_rows = sum(min(batch_size, packing.bucket(c, 2)) for c in calls)
     # distinct predicting tokens: a prompt's last token predicts both targets' first tokens
     predictors = {(r, path[len(e.prompt_ids) + j - 1]) for e, (r, path) in zip(enc, paths) for j in range(len(e.target_ids))}
     jax_f = padded_rows * width * layer(width) + unembed * len(predictors)
@@ -390,15 +393,18 @@ def main(argv=None):
     parser.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache_dir", default=str(ROOT / ".cache" / "jaxedit"))
+    parser.add_argument("--cache_dir", default=str(paths.cache_dir()))
     parser.add_argument("--json_out", default=None)
     args = parser.parse_args(argv)
 
     import jax
     import torch
 
-    from jaxedit import counterfact, covariance, hparams, templates as jtemplates
-    from jaxedit import torch_baseline as tb
+    from jaxedit.data import counterfact
+    from jaxedit.editing import covariance, templates as jtemplates
+    from jaxedit import hparams
+    from jaxedit.hparams import CovarianceHparams
+    from baselines import torch_reference as tb
     from llama3_flax import checkpoint
 
     if args.torch_threads:
@@ -411,8 +417,9 @@ def main(argv=None):
     requests = counterfact.load_counterfact("edit", n=max(args.batches + args.score_cases), seed=args.seed)
     corpus = str(counterfact.data_dir() / "corpus" / "wikitext-103-valid.tokens")
     g = jtemplates.context_templates(params, cfg, tok, hp.templates, cache_dir=args.cache_dir)
-    C = covariance.preservation_covariance(params, cfg, tok, corpus, list(hp.layers), n_samples=args.cov_samples,
-                                           max_length=128, batch_size=8, cache_dir=args.cache_dir, progress=False)
+    spec = CovarianceHparams(corpus=corpus, n_samples=args.cov_samples, max_length=128)
+    C = covariance.preservation_covariance(params, cfg, tok, list(hp.layers), spec, cache_dir=args.cache_dir,
+                                           progress=False)
     ctx = dict(params=params, cfg=cfg, tok=tok, hp=hp, templates=g, C=C, requests=requests, corpus=corpus,
                torch_model=tb.torch_model(cfg, params))
     results = {"method": hp.method, "layer": hp.layers[-1], "torch_threads": torch.get_num_threads(),

@@ -8,7 +8,7 @@ PyTorch runs twice: with its default intra-op thread count and with one thread. 
 shared with other busy processes, OpenMP's barrier waits make the multi-threaded small matmuls of a
 135M model many times slower than one thread, so the ratio is taken against the faster torch setting.
 
-    python benchmarks/forward_speed.py [--batches 1 32] [--seq 64] [--reps 5]
+    python -m benchmarks.forward_speed [--batches 1 32] [--seq 64] [--reps 5]
 """
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -10,48 +10,19 @@ Measures, on random bfloat16 weights of llama3_flax.config.llama3_8b (no checkpo
   * peak device memory (jax memory_stats; the process's max RSS where the device reports none).
 Random weights never reach the early-stop loss, so every request runs all value steps.
 
-    python benchmarks/gpu_llama3_8b.py [--n 1024] [--cov_tokens 1000000] [--json_out $OUT/gpu.json]
-    python benchmarks/gpu_llama3_8b.py --tiny        # CPU smoke test on a tiny config, seconds
+    python -m benchmarks.gpu_llama3_8b [--n 1024] [--cov_tokens 1000000] [--json_out $OUT/gpu.json]
+    python -m benchmarks.gpu_llama3_8b --tiny        # CPU smoke test on a tiny config, seconds
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import sys
 import time
-import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-class SyntheticTokenizer:
-    """Word-level stand-in tokenizer (hashed ids, BOS first), with decode for template generation."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    _RE = re.compile(r"\w+|[^\w\s]")
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.words: dict[int, str] = {}
-
-    def __len__(self):
-        return self.vocab_size
-
-    def _id(self, w: str) -> int:
-        i = 3 + zlib.crc32(w.encode()) % (self.vocab_size - 3)
-        self.words.setdefault(i, w)
-        return i
-
-    def __call__(self, text, add_special_tokens=True, **_):
-        return {"input_ids": ([1] if add_special_tokens else []) + [self._id(w) for w in self._RE.findall(text)]}
-
-    def decode(self, ids, skip_special_tokens=False, **_):
-        return "".join(" " + self.words.get(int(i), f"w{int(i)}") for i in ids if int(i) >= 3 or not skip_special_tokens)
+from jaxedit.testing import WordTokenizer
 
 
 RELATIONS = ("{} works in the city of", "{} is a citizen of", "The mother tongue of {} is", "{} was created by",
@@ -105,7 +76,7 @@ def covariance_all_layers(params, cfg, n_tokens: int, batch: int, length: int, l
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxedit import covariance
+    from jaxedit.editing import covariance
 
     steps = max(1, -(-n_tokens // (batch * length)))
     rng = np.random.default_rng(seed)
@@ -160,7 +131,8 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from edit_speed import jaxedit_value_flops, value_batch_shape
-    from jaxedit import editor, hparams, templates as jtemplates, values as jvalues
+    from jaxedit.editing import editor, templates as jtemplates, values as jvalues
+    from jaxedit import hparams
     from llama3_flax import config, model
 
     tiny = args.tiny
@@ -183,7 +155,7 @@ def main(argv=None):
     params = jax.block_until_ready(init(cfg, jax.random.PRNGKey(args.seed)))
     res["seconds"]["init_params"] = time.perf_counter() - t0
     log(f"params ready ({model.num_params(params) / 1e9:.2f}B) in {res['seconds']['init_params']:.1f}s")
-    tok = SyntheticTokenizer(cfg.vocab_size)
+    tok = WordTokenizer(cfg.vocab_size)
     requests = synthetic_requests(n, args.seed)
 
     # context templates (generation; the first call compiles)

@@ -6,7 +6,7 @@ same cases are scored before the edit too ("before"). Batches are nested (the 16
 first 16 of B=64), so cells differ only in batch size. Target values do not depend on the method or
 on the rest of the batch, so they are optimised once per case and cached on disk.
 
-One JSONL record per finished cell; a restarted run skips finished cells (see experiments.common).
+One JSONL record per finished cell; a restarted run skips finished cells (see experiments.results_log).
 
   python -m experiments.batch_sweep --batch_sizes=16,64 --methods=memit,emmet --out=runs/batch_sweep.jsonl
 """
@@ -18,12 +18,17 @@ import time
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import program
+from experiments import records
+from experiments import results_log
+from experiments import sweep_plan
+from experiments import value_cache
+from experiments import world
 
 flags.DEFINE_string("batch_sizes", "16,64,256,1024,4096", "comma-separated batch sizes (paper: 16,...,4096)")
 flags.DEFINE_string("methods", "memit,emmet", "comma-separated editors: memit, emmet")
 flags.DEFINE_integer("layer", None, "edit layer (default: the model preset's, SmolLM2: 3)")
-common.define_common_flags("runs/batch_sweep.jsonl")
+program.define_common_flags("runs/batch_sweep.jsonl")
 FLAGS = flags.FLAGS
 
 
@@ -34,16 +39,17 @@ def cell_key(method: str, layer: int, batch_size: int) -> dict:
 
 def main(argv):
     del argv
-    from jaxedit import editor, metrics
+    from jaxedit.editing import editor
+    from jaxedit.eval import metrics
 
-    plan = common.plan_batch_size_sweep(FLAGS, cell_key, "batch sweep")
+    plan = sweep_plan.plan_batch_size_sweep(FLAGS, cell_key, "batch sweep")
     cfg, params, tok, hps, layer, log, todo = (plan.cfg, plan.params, plan.tok, plan.hps, plan.layer, plan.log,
                                                plan.todo)
     if not todo:
         return
-    cases = common.load_cases(FLAGS.counterfact, n=max(b for _, b in todo), seed=FLAGS.seed)
-    cov = common.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
-    value_cache = common.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
+    cases = world.load_cases(FLAGS.counterfact, n=max(b for _, b in todo), seed=FLAGS.seed)
+    cov = world.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
+    stored_values = value_cache.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
     before_cache: dict[int, dict] = {}
     for method, b in tqdm(todo, desc="batch sweep cells"):
         hp = hps[method]
@@ -51,18 +57,18 @@ def main(argv):
         if len(batch) < b:
             raise ValueError(f"only {len(batch)} cases for batch size {b}")
         t0 = time.perf_counter()
-        groups = common.templates(params, cfg, tok, hp, FLAGS.cache_dir)
-        values = value_cache.get(batch, hp, groups)
+        groups = world.templates(params, cfg, tok, hp, FLAGS.cache_dir)
+        values = stored_values.get(batch, hp, groups)
         t_values = time.perf_counter() - t0
         new, report = editor.edit(params, cfg, tok, batch, hp, covariances=cov, templates=groups, values=values)
         after = metrics.evaluate(new, cfg, tok, batch, progress=None)
         del new
         if b not in before_cache:
-            before_cache[b] = common.aggregate_dict(metrics.evaluate(params, cfg, tok, batch).aggregate)
+            before_cache[b] = records.aggregate_dict(metrics.evaluate(params, cfg, tok, batch).aggregate)
         solve = report.solves[0]
-        rec = {"type": "cell", "key": cell_key(method, layer, b), "attempt": common.new_attempt(),
-               "aggregate": common.aggregate_dict(after.aggregate), "before": before_cache[b],
-               "cases": common.case_dicts(after.cases), "delta_norm": report.delta_norms[0],
+        rec = {"type": "cell", "key": cell_key(method, layer, b), "attempt": results_log.new_attempt(),
+               "aggregate": records.aggregate_dict(after.aggregate), "before": before_cache[b],
+               "cases": records.case_dicts(after.cases), "delta_norm": report.delta_norms[0],
                "preservation_cond": float(solve.preservation_cond), "system_cond": float(solve.cond),
                "ridge_added": float(solve.ridge_added),
                "hparams": {"mom2_update_weight": hp.mom2_update_weight, "emmet_lambda": hp.emmet_lambda,

@@ -1,6 +1,6 @@
 """jaxedit against a compact PyTorch baseline on the same model, requests, hparams, templates and C0.
 
-The baseline (jaxedit.torch_baseline) works the way the reference implementations do: forward hooks
+The baseline (baselines.torch_reference) works the way the reference implementations do: forward hooks
 for keys, one request at a time for the value optimisation (torch.optim.Adam, a hook adding delta at
 the layer output), and an F x F solve in float64 (MEMIT: torch.linalg.solve; EMMET: explicit C^-1).
 It runs on transformers' LlamaForCausalLM holding our float32 weights. Printed:
@@ -30,16 +30,18 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit import editor, metrics, pm, values as jvalues
-from jaxedit.hparams import EditHparams
-from jaxedit.keys import outputs_at_subject
-from jaxedit.templates import flat
+from benchmarks.stages import jaxedit_edit, jaxedit_values
+from jaxedit.data import paths
+from jaxedit.editing import editor, pm
+from jaxedit.eval import metrics
+from jaxedit.eval import tables
+from jaxedit.hparams import CovarianceHparams, EditHparams
+from jaxedit.editing.keys import outputs_at_subject
+from jaxedit.editing.templates import flat
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rel(got, want) -> float:
@@ -48,41 +50,6 @@ def rel(got, want) -> float:
     den = np.linalg.norm(want)
     num = np.linalg.norm(got - want)
     return float(num / den) if den > 0 else float(num)
-
-
-# ------------------------------------------------------------------------- warm-up
-def compile_values(params, cfg, tokenizer, requests, hp: EditHparams, templates, chunk_size: int = 64) -> float:
-    """Compiles jaxedit's value optimisation for exactly these requests' shapes ahead of time (so a
-    following edit_values call runs warm). Returns the compile seconds."""
-    site = "mlp" if hp.method == "rome" else "resid"
-    t0 = time.perf_counter()
-    for start in range(0, len(requests), chunk_size):
-        batch = jvalues.build_value_batch(tokenizer, requests[start:start + chunk_size], flat(templates))
-        jvalues.optimise_values.lower(params, cfg, batch, jnp.int32(hp.layers[-1]), hp.value, site).compile()
-    return time.perf_counter() - t0
-
-
-def jaxedit_values(params, cfg, tokenizer, requests, hp, templates, warmup: bool = True):
-    """(Values, run seconds, compile seconds) of jaxedit's value optimisation."""
-    compile_s = compile_values(params, cfg, tokenizer, requests, hp, templates) if warmup else 0.0
-    t0 = time.perf_counter()
-    vals = jax.block_until_ready(editor.edit_values(params, cfg, tokenizer, requests, hp, templates=templates))
-    return vals, time.perf_counter() - t0, compile_s
-
-
-def jaxedit_edit(params, cfg, tokenizer, requests, hp, covariances, templates, vals, warmup: bool = True):
-    """(new params, EditReport, compile seconds of keys + solve) with the values given; with warmup the
-    edit runs twice and the second (warm) run is reported."""
-    compile_s = 0.0
-    if warmup:
-        _, first = editor.edit(params, cfg, tokenizer, requests, hp, covariances=covariances,
-                               templates=templates, values=vals)
-    new, report = editor.edit(params, cfg, tokenizer, requests, hp, covariances=covariances,
-                              templates=templates, values=vals)
-    if warmup:
-        compile_s = max(0.0, first.seconds["keys"] + first.seconds["solve"]
-                        - report.seconds["keys"] - report.seconds["solve"])
-    return new, report, compile_s
 
 
 # ---------------------------------------------------------------------- comparison
@@ -110,14 +77,14 @@ def compare(params, cfg, tokenizer, requests: Sequence, hps: Mapping[str, EditHp
     Args:
       hps: {"memit": EditHparams, "emmet": EditHparams}; all must share layers and value hparams
         (their values and keys are computed once).
-      covariances: {layer: C0} for the edited layers (unscaled, as jaxedit.covariance makes them).
+      covariances: {layer: C0} for the edited layers (unscaled, as jaxedit.editing.covariance makes them).
       templates: context template groups.
       torch_threads: torch.set_num_threads for the baseline (None: leave as is).
       evaluate: also score ES/PS/NS with jaxedit's evaluator (needs target_true and prompts).
     """
     import torch
 
-    from jaxedit import torch_baseline as tb
+    from baselines import torch_reference as tb
 
     methods = list(hps)
     first = hps[methods[0]]
@@ -183,8 +150,8 @@ def compare(params, cfg, tokenizer, requests: Sequence, hps: Mapping[str, EditHp
             C0 = covariances[layer]
             ref = (tb.memit_solve(C0, Kj, Rj, hp.mom2_update_weight) if m == "memit"
                    else tb.emmet_solve(C0, Kj, Rj, hp.mom2_update_weight, hp.emmet_lambda)).numpy()
-            direct = editor._solve(m, hp, pm.factor_preservation(jnp.asarray(C0)), jnp.asarray(Kj, jnp.float32),
-                                   jnp.asarray(Rj, jnp.float32), len(requests))[0]
+            direct = editor.layer_update(hp, pm.factor_preservation(jnp.asarray(C0)), jnp.asarray(Kj, jnp.float32),
+                                         jnp.asarray(Rj, jnp.float32))[0]
             agree[f"Delta W {m} (same K, R)"] = rel(np.asarray(direct), ref)
         if evaluate:
             new_t = params
@@ -210,7 +177,7 @@ def format_report(c: Comparison) -> str:
     lines.append(f"{'Adam updates per request (PyTorch)':<34} {c.steps['torch']}")
     lines.append(f"{'Adam updates per request (jaxedit)':<34} {c.steps['jaxedit']}")
     if c.metrics:
-        lines += ["", metrics.format_table(c.metrics)]
+        lines += ["", tables.format_table(c.metrics)]
         for m, k in c.es_mismatch.items():
             lines.append(f"{m}: cases whose ES differs between the two edited models: {k} of {c.meta['n']}")
     lines += ["", f"Seconds per stage (n={c.meta['n']}, PyTorch threads={c.meta['torch_threads']}; "
@@ -226,11 +193,12 @@ def format_report(c: Comparison) -> str:
 # ---------------------------------------------------------------------------- main
 def _hparams(F, cfg):
     """{method: EditHparams} from --hparams_file (an EasyEdit/reference file) or the preset."""
-    from jaxedit import hparams, interop
+    from jaxedit import hparams
+    from jaxedit.interop import hparams_files
 
     if F.hparams_file:
-        method = interop.import_hparams(F.hparams_file, cfg=cfg).hparams.method
-        hp = interop.read_hparams(F.hparams_file, cfg=cfg, base=hparams.preset(F.preset, method))
+        method = hparams_files.import_hparams(F.hparams_file, cfg=cfg).hparams.method
+        hp = hparams_files.read_hparams(F.hparams_file, cfg=cfg, base=hparams.preset(F.preset, method))
         pairs = [(method, hp)]
     else:
         pairs = [(m, hparams.preset(F.preset, m)) for m in F.methods]
@@ -249,7 +217,9 @@ def main(argv):
     del argv
     from absl import flags
 
-    from jaxedit import counterfact, covariance, interop, templates as jtemplates
+    from jaxedit.data import counterfact
+    from jaxedit.editing import covariance, templates as jtemplates
+    from jaxedit.interop import checkpoints
     from llama3_flax import checkpoint
 
     F = flags.FLAGS
@@ -267,8 +237,9 @@ def main(argv):
     t_templates = time.perf_counter() - t1
     t1 = time.perf_counter()
     corpus = F.corpus or str(counterfact.data_dir() / "corpus" / "wikitext-103-valid.tokens")
-    C = covariance.preservation_covariance(params, cfg, tok, corpus, list(first.layers), n_samples=F.cov_samples,
-                                           max_length=F.cov_max_length, batch_size=8, cache_dir=cache, progress=False)
+    spec = CovarianceHparams(corpus=corpus, n_samples=F.cov_samples, max_length=F.cov_max_length)
+    C = covariance.preservation_covariance(params, cfg, tok, list(first.layers), spec, cache_dir=cache,
+                                           progress=False)
     t_cov = time.perf_counter() - t1
     print(f"model, requests, templates ({t_templates:.1f}s) and C0 ({t_cov:.1f}s, possibly cached) ready "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -276,7 +247,7 @@ def main(argv):
         # a checkpoint a PyTorch tool saved after editing these requests, against jaxedit's edit of them
         new, report = editor.edit(params, cfg, tok, requests, first, covariances=C, templates=g)
         print(report.summary())
-        c = interop.compare_checkpoint(params, cfg, F.edited_checkpoint, ours=new, tokenizer=tok, requests=requests)
+        c = checkpoints.compare_checkpoint(params, cfg, F.edited_checkpoint, ours=new, tokenizer=tok, requests=requests)
         print(c.format())
         return
     c = compare(params, cfg, tok, requests, hps, C, g, torch_threads=F.torch_threads, warmup=F.warmup)
@@ -295,7 +266,7 @@ def _define_flags():
 
     flags.DEFINE_string("model", "smollm2", "'smollm2', a .gguf file or an HF folder")
     flags.DEFINE_string("preset", "smollm2-135m", "jaxedit.hparams preset name")
-    flags.DEFINE_string("requests", "edit", "CounterFact source (see jaxedit.counterfact.load_requests)")
+    flags.DEFINE_string("requests", "edit", "CounterFact source (see jaxedit.data.counterfact.load_requests)")
     flags.DEFINE_integer("n", 8, "number of requests")
     flags.DEFINE_integer("seed", 0, "request sampling seed")
     flags.DEFINE_list("case_ids", None, "CounterFact case ids (instead of --n/--seed)")
@@ -309,7 +280,7 @@ def _define_flags():
     flags.DEFINE_string("corpus", None, "C0 corpus (default: the shared WikiText-103 validation split)")
     flags.DEFINE_integer("cov_samples", 200, "C0 samples")
     flags.DEFINE_integer("cov_max_length", 128, "C0 tokens per sample")
-    flags.DEFINE_string("cache_dir", str(ROOT / ".cache" / "jaxedit"), "templates and C0 cache")
+    flags.DEFINE_string("cache_dir", str(paths.cache_dir()), "templates and C0 cache ($JAXEDIT_CACHE)")
     flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads (0: torch's default)")
     flags.DEFINE_bool("warmup", True, "time jaxedit warm (compile reported apart)")
     flags.DEFINE_string("json_out", None, "write the comparison as JSON here")

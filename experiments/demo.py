@@ -18,48 +18,52 @@ import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import program
+from experiments import value_cache
+from experiments import world
 
 flags.DEFINE_string("model", "smollm2", "'smollm2' (the offline GGUF), a .gguf file or an HF folder")
 flags.DEFINE_string("cases", "0,1,5,7", "CounterFact case ids of the shared edit split")
 flags.DEFINE_string("methods", "rome,memit,emmet", "editors to run")
-flags.DEFINE_string("cache_dir", str(common.DEFAULT_CACHE), "covariance / template / value caches")
+flags.DEFINE_string("cache_dir", str(program.DEFAULT_CACHE), "covariance / template / value caches")
 flags.DEFINE_integer("max_new_tokens", 16, "tokens of the before/after generation")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from jaxedit import editor, metrics, pm
+    from jaxedit.editing import editor, pm
+    from jaxedit.eval import metrics
+    from jaxedit.eval import tables
     from llama3_flax import generate
 
     t_start = time.perf_counter()
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
     print(f"loading {FLAGS.model} ...", flush=True)
-    cfg, params, tok = common.load_model(FLAGS.model)
-    cases = common.load_cases("edit", ids=common.parse_int_list(FLAGS.cases))
+    cfg, params, tok = world.load_model(FLAGS.model)
+    cases = world.load_cases("edit", ids=program.parse_int_list(FLAGS.cases))
     spec = "smollm2" if FLAGS.model == "smollm2" else FLAGS.model
-    hps = {m: common.hparams_for(spec, m) for m in methods}
+    hps = {m: world.hparams_for(spec, m) for m in methods}
     layer = hps[methods[0]].layers[0]
     print(f"{len(cases)} CounterFact cases, edit layer {layer}:")
     for r in cases:
         print(f"  [{r.case_id}] {r.filled_prompt!r}: {r.target_true} -> {r.target_new}")
 
-    cov = common.covariances(params, cfg, tok, [layer], hps[methods[0]], FLAGS.cache_dir, progress=False)
+    cov = world.covariances(params, cfg, tok, [layer], hps[methods[0]], FLAGS.cache_dir, progress=False)
     cov = {l: pm.factor_preservation(c) for l, c in cov.items()}  # factor C0 once, not once per edit
-    values = common.ValueCache(params, cfg, tok, FLAGS.cache_dir)
+    values = value_cache.ValueCache(params, cfg, tok, FLAGS.cache_dir)
     before = metrics.evaluate(params, cfg, tok, cases)
     rows, edited = {"unedited": before.aggregate}, {}
     for method in methods:
         t0 = time.perf_counter()
         hp = hps[method]
-        groups = common.templates(params, cfg, tok, hp, FLAGS.cache_dir)
+        groups = world.templates(params, cfg, tok, hp, FLAGS.cache_dir)
         vals = values.get(cases, hp, groups)
-        if method == "rome":  # one at a time, each on the unedited model
+        if hp.spec.max_requests == 1:  # ROME: one at a time, each on the unedited model
             per_case = []
             for i, case in enumerate(cases):
                 new, _ = editor.edit(params, cfg, tok, [case], hp, covariances=cov, templates=groups,
-                                     values=common.slice_values(vals, i))
+                                     values=value_cache.slice_values(vals, i))
                 per_case += metrics.evaluate(new, cfg, tok, [case]).cases
                 if i == 0:
                     edited[method] = new
@@ -69,11 +73,11 @@ def main(argv):
             agg, label = metrics.evaluate(new, cfg, tok, cases).aggregate, f"{method.upper()} (one batch)"
             edited[method] = new
         rows[label] = agg
-        print(f"\n== {label}: {time.perf_counter() - t0:.0f}s\n{metrics.format_before_after(before.aggregate, agg)}",
+        print(f"\n== {label}: {time.perf_counter() - t0:.0f}s\n{tables.format_before_after(before.aggregate, agg)}",
               flush=True)
 
     print("\n== all editors (percent; S = harmonic mean of ES, PS, NS)")
-    print(metrics.format_table(rows))
+    print(tables.format_table(rows))
 
     method = "memit" if "memit" in edited else next(iter(edited))
     case = cases[0]

@@ -6,7 +6,7 @@ model; the cell's metrics are the aggregate (ES, PS, NS, S, EM, PM, NM) over the
 target values of a cell are optimised together in one batched call (they are independent) and cached
 on disk, then each edit applies its own value.
 
-One JSONL record per finished cell; a restarted run skips finished cells (see experiments.common).
+One JSONL record per finished cell; a restarted run skips finished cells (see experiments.results_log).
 
   python -m experiments.layer_sweep --layers=0,2,4 --methods=memit,rome --n=8 --n_rome=4 \\
       --out=runs/layer_sweep.jsonl
@@ -19,14 +19,18 @@ import time
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import program
+from experiments import records
+from experiments import results_log
+from experiments import value_cache
+from experiments import world
 
 flags.DEFINE_string("layers", "all", "comma-separated layers to edit, or 'all'")
 flags.DEFINE_string("methods", "memit,rome", "comma-separated editors: rome, memit, emmet")
 flags.DEFINE_integer("n", 8, "single edits per cell")
 flags.DEFINE_integer("n_rome", None, "single edits per ROME cell (default --n): the first n_rome of the "
                      "max(n, n_rome) cases selected with --seed")
-common.define_common_flags("runs/layer_sweep.jsonl")
+program.define_common_flags("runs/layer_sweep.jsonl")
 FLAGS = flags.FLAGS
 
 
@@ -35,22 +39,23 @@ def cell_key(method: str, layer: int, n: int) -> dict:
             "method": method, "layer": int(layer), "n": int(n)}
 
 
-def run_cell(params, cfg, tok, cases, hp, cov, groups, value_cache) -> dict:
+def run_cell(params, cfg, tok, cases, hp, cov, groups, stored_values) -> dict:
     """N single edits at hp.layers[0], each evaluated on its own edited model."""
-    from jaxedit import editor, metrics
+    from jaxedit.editing import editor
+    from jaxedit.eval import metrics
 
     t0 = time.perf_counter()
-    values = value_cache.get(cases, hp, groups)
+    values = stored_values.get(cases, hp, groups)
     t_values = time.perf_counter() - t0
     rows, norms = [], []
     for i, case in enumerate(tqdm(cases, desc=f"{hp.method} L{hp.layers[0]} edits", leave=False)):
         new, report = editor.edit(params, cfg, tok, [case], hp, covariances=cov, templates=groups,
-                                  values=common.slice_values(values, i))
+                                  values=value_cache.slice_values(values, i))
         res = metrics.evaluate(new, cfg, tok, [case], batch_size=8, progress=False)
-        rows += common.case_dicts(res.cases)
+        rows += records.case_dicts(res.cases)
         norms.append(report.delta_norms[0])
         del new
-    return {"aggregate": common.aggregate_cases(rows), "cases": rows, "delta_norms": norms,
+    return {"aggregate": records.aggregate_cases(rows), "cases": rows, "delta_norms": norms,
             "value_loss": [float(x) for x in values.loss], "seconds": time.perf_counter() - t0,
             "values_seconds": t_values}
 
@@ -58,14 +63,14 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, value_cache) -> dict:
 def main(argv):
     del argv
     import jax.numpy as jnp
-    from jaxedit import pm
+    from jaxedit.editing import pm
 
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
-    common.init_jax()
-    cfg, params, tok = common.load_model(FLAGS.model)
-    layers = (list(range(cfg.num_hidden_layers)) if FLAGS.layers == "all" else common.parse_int_list(FLAGS.layers))
+    program.init_jax()
+    cfg, params, tok = world.load_model(FLAGS.model)
+    layers = (list(range(cfg.num_hidden_layers)) if FLAGS.layers == "all" else program.parse_int_list(FLAGS.layers))
     n_of = {m: (FLAGS.n_rome if (m == "rome" and FLAGS.n_rome) else FLAGS.n) for m in methods}
-    log = common.ResultsLog(FLAGS.out)
+    log = results_log.ResultsLog(FLAGS.out)
     todo = [(m, l) for l in layers for m in methods if not log.is_finished(cell_key(m, l, n_of[m]))]
     logging.info("layer sweep: %d cells, %d already done, %d to run -> %s",
                  len(layers) * len(methods), len(layers) * len(methods) - len(todo), len(todo), FLAGS.out)
@@ -73,20 +78,20 @@ def main(argv):
         return
     # One seeded selection of max(--n, --n_rome) cases whatever --methods is; a cell of n edits uses its
     # first n, so runs with different --methods share cases.
-    cases = common.load_cases(FLAGS.counterfact, n=max(FLAGS.n, FLAGS.n_rome or 0), seed=FLAGS.seed)
-    hp0 = common.hparams_from_flags(methods[0])
-    cov = common.covariances(params, cfg, tok, sorted({l for _, l in todo}), hp0, FLAGS.cache_dir, FLAGS.corpus)
-    groups = {m: common.templates(params, cfg, tok, common.hparams_from_flags(m), FLAGS.cache_dir) for m in methods}
-    value_cache = common.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
+    cases = world.load_cases(FLAGS.counterfact, n=max(FLAGS.n, FLAGS.n_rome or 0), seed=FLAGS.seed)
+    hp0 = world.hparams_from_flags(methods[0])
+    cov = world.covariances(params, cfg, tok, sorted({l for _, l in todo}), hp0, FLAGS.cache_dir, FLAGS.corpus)
+    groups = {m: world.templates(params, cfg, tok, world.hparams_from_flags(m), FLAGS.cache_dir) for m in methods}
+    stored_values = value_cache.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
     factors = {}
     for method, layer in tqdm(todo, desc="layer sweep cells"):
-        hp = common.hparams_from_flags(method, layer)
+        hp = world.hparams_from_flags(method, layer)
         n = n_of[method]
         if layer not in factors:  # factor C0 once per layer, not once per edit
             factors = {layer: pm.factor_preservation(jnp.asarray(cov[layer]))}
-        out = run_cell(params, cfg, tok, cases[:n], hp, factors, groups[method], value_cache)
+        out = run_cell(params, cfg, tok, cases[:n], hp, factors, groups[method], stored_values)
         a = out["aggregate"]
-        log.append({"type": "cell", "key": cell_key(method, layer, n), "attempt": common.new_attempt(),
+        log.append({"type": "cell", "key": cell_key(method, layer, n), "attempt": results_log.new_attempt(),
                     "hparams": {"mom2_update_weight": hp.mom2_update_weight, "v_steps": hp.value.v_num_grad_steps,
                                 "cov_samples": hp.covariance.n_samples}, **out})
         logging.info("%s layer %d: ES %.1f PS %.1f NS %.1f S %.1f (%.0fs)", method, layer, a["es"] or 0,

@@ -24,7 +24,11 @@ import time
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import program
+from experiments import records
+from experiments import results_log
+from experiments import sweep_plan
+from experiments import world
 
 flags.DEFINE_string("batch_sizes", "1,64,256,1024,4096", "comma-separated batch sizes (paper: 1,...,4096)")
 flags.DEFINE_string("methods", "memit,emmet", "comma-separated editors: memit, emmet (rome: batch size 1)")
@@ -32,7 +36,7 @@ flags.DEFINE_integer("total", 4096, "edits per cell (the paper: 4096; a multiple
 flags.DEFINE_integer("layer", None, "edit layer (default: the model preset's, SmolLM2: 3)")
 flags.DEFINE_boolean("preserve_previous_edits", False, "add earlier batches' keys to the preservation term "
                      "(C0 + K_prev K_prev^T / lambda); the paper does not")
-common.define_common_flags("runs/sequential_sweep.jsonl")
+program.define_common_flags("runs/sequential_sweep.jsonl")
 FLAGS = flags.FLAGS
 
 
@@ -42,21 +46,22 @@ def cell_key(method: str, layer: int, batch_size: int) -> dict:
             "preserve_previous_edits": FLAGS.preserve_previous_edits}
 
 
-def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: common.ResultsLog, key: dict,
+def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: results_log.ResultsLog, key: dict,
              before: dict):
-    from jaxedit import metrics, schedule
+    from jaxedit.eval import metrics
+    from jaxedit.editing import schedule
 
-    attempt = common.new_attempt()
+    attempt = results_log.new_attempt()
     t0 = time.perf_counter()
     rows: list[dict] = []
 
     def after_batch(index, new_params, batch, report):
         res = metrics.evaluate(new_params, cfg, tok, batch, progress=False)
-        cases_ = common.case_dicts(res.cases)
+        cases_ = records.case_dicts(res.cases)
         rows.extend(cases_)
         log.append({"type": "batch", "key": key, "attempt": attempt, "batch_index": index,
                     "edits_so_far": min((index + 1) * batch_size, len(cases)), "batch_cases": len(batch),
-                    "after_batch": common.aggregate_dict(res.aggregate), "cases": cases_,
+                    "after_batch": records.aggregate_dict(res.aggregate), "cases": cases_,
                     "delta_norm": report.delta_norms[0], "seconds": time.perf_counter() - t0})
 
     final, _ = schedule.sequential_batched_edit(
@@ -64,8 +69,8 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: com
         preserve_previous_edits=FLAGS.preserve_previous_edits, after_batch=after_batch)
     res = metrics.evaluate(final, cfg, tok, cases, progress=None)
     log.append({"type": "cell", "key": key, "attempt": attempt, "n_batches": -(-len(cases) // batch_size),
-                "final_all": common.aggregate_dict(res.aggregate), "final_cases": common.case_dicts(res.cases),
-                "after_batch_mean": common.aggregate_cases(rows), "before": before,
+                "final_all": records.aggregate_dict(res.aggregate), "final_cases": records.case_dicts(res.cases),
+                "after_batch_mean": records.aggregate_cases(rows), "before": before,
                 "hparams": {"mom2_update_weight": hp.mom2_update_weight, "emmet_lambda": hp.emmet_lambda,
                             "v_steps": hp.value.v_num_grad_steps, "cov_samples": hp.covariance.n_samples},
                 "seconds": time.perf_counter() - t0})
@@ -74,20 +79,20 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: com
 
 def main(argv):
     del argv
-    plan = common.plan_batch_size_sweep(FLAGS, cell_key, "sequential-batched sweep",
+    plan = sweep_plan.plan_batch_size_sweep(FLAGS, cell_key, "sequential-batched sweep",
                                         f", {FLAGS.total} edits per cell")
     cfg, params, tok, hps, layer, log, todo = (plan.cfg, plan.params, plan.tok, plan.hps, plan.layer, plan.log,
                                                plan.todo)
     if not todo:
         return
-    cases = common.load_cases(FLAGS.counterfact, n=FLAGS.total, seed=FLAGS.seed)
-    cov = common.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
-    from jaxedit import metrics
+    cases = world.load_cases(FLAGS.counterfact, n=FLAGS.total, seed=FLAGS.seed)
+    cov = world.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
+    from jaxedit.eval import metrics
 
-    before = common.aggregate_dict(metrics.evaluate(params, cfg, tok, cases, progress=None).aggregate)
+    before = records.aggregate_dict(metrics.evaluate(params, cfg, tok, cases, progress=None).aggregate)
     for method, b in tqdm(todo, desc="sequential sweep cells"):
         hp = hps[method]
-        groups = common.templates(params, cfg, tok, hp, FLAGS.cache_dir)
+        groups = world.templates(params, cfg, tok, hp, FLAGS.cache_dir)
         agg = run_cell(params, cfg, tok, cases, hp, cov, groups, b, log, cell_key(method, layer, b), before)
         logging.info("%s B=%d, %d edits: final ES %.1f PS %.1f NS %.1f S %.1f", method, b, len(cases), agg.es,
                      agg.ps, agg.ns, agg.s)

@@ -9,7 +9,7 @@ al. 2024's figures:
   summary.md                 all tables
 
 Only complete cells count: per cell, its last "cell" record and the per-batch records of that same
-attempt (experiments.common.latest_complete), so cells recomputed after a crash appear once.
+attempt (experiments.results_log.latest_complete), so cells recomputed after a crash appear once.
 
   python -m experiments.summarize --runs_dir=runs --out_dir=experiments/results
 """
@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import results_log
 
 flags.DEFINE_string("runs_dir", "runs", "folder with layer_sweep.jsonl, batch_sweep.jsonl, sequential_sweep.jsonl")
 flags.DEFINE_string("layer_file", None, "layer sweep JSONL (default <runs_dir>/layer_sweep.jsonl)")
@@ -85,7 +85,7 @@ def _plt():
 
 # ================================================================================ layer sweep
 def layer_sweep(records, out_dir: Path) -> str:
-    cells, _ = common.latest_complete(records)
+    cells, _ = results_log.latest_complete(records)
     cells = [c for c in cells.values() if c["key"].get("sweep") == "layer"]
     if not cells:
         return ""
@@ -123,7 +123,7 @@ def _nan(x):
 
 # ================================================================================ batch sweep
 def batch_sweep(records, out_dir: Path) -> str:
-    cells, _ = common.latest_complete(records)
+    cells, _ = results_log.latest_complete(records)
     cells = [c for c in cells.values() if c["key"].get("sweep") == "batch"]
     if not cells:
         return ""
@@ -181,7 +181,7 @@ def _mean(values) -> float:
 
 
 def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int = 8) -> str:
-    cells, batches = common.latest_complete(records)
+    cells, batches = results_log.latest_complete(records)
     keys = [k for k, c in cells.items() if c["key"].get("sweep") == "sequential"]
     if not keys:
         return ""
@@ -255,7 +255,7 @@ def summarize(layer_file, batch_file, sequential_file, out_dir) -> dict[str, str
                            ("sequential", sequential_file, sequential_sweep)):
         if path is None or not Path(path).exists():
             continue
-        text = fn(common.read_jsonl(path), out_dir)
+        text = fn(results_log.read_jsonl(path), out_dir)
         if text:
             parts[name] = text
     if parts:

@@ -1,12 +1,28 @@
 """ROME, MEMIT and EMMET for Llama-3-family models, as pure functions over a parameter tree.
 
-The named editors live in their modules (jaxedit.rome.rome, jaxedit.memit.memit,
-jaxedit.emmet.emmet); `edit` is the core they share.
-"""
-from .editor import EditReport, edit, edit_values
-from .hparams import CovarianceHparams, EditHparams, TemplateHparams, ValueHparams, preset
-from .requests import EditRequest
-from .schedule import batch_edit, sequential_batched_edit, sequential_edit
+Where things are:
+  jaxedit.editing   the editing core: keys, values, C0, the preservation-memorisation solve, editors,
+                    schedules
+  jaxedit.eval      scoring, CounterFact metrics, generation entropy, tables
+  jaxedit.data      CounterFact, text corpora, data and cache locations
+  jaxedit.interop   the PyTorch tools' hparams files, and checkpoints they edited
+  jaxedit.methods   what distinguishes ROME, MEMIT and EMMET (one Method each)
+  jaxedit.hparams   frozen hparams and per-model presets
 
-__all__ = ["EditReport", "edit", "edit_values", "CovarianceHparams", "EditHparams", "TemplateHparams",
-           "ValueHparams", "preset", "EditRequest", "batch_edit", "sequential_batched_edit", "sequential_edit"]
+The names below are the public API for everyday use.
+"""
+from jaxedit.data.counterfact import load_counterfact
+from jaxedit.editing.covariance import preservation_covariance
+from jaxedit.editing.editor import EditReport, edit, edit_values, emmet, memit, rome
+from jaxedit.editing.schedule import batch_edit, sequential_batched_edit, sequential_edit
+from jaxedit.editing.templates import context_templates
+from jaxedit.eval.metrics import evaluate
+from jaxedit.eval.tables import format_before_after, format_table
+from jaxedit.hparams import CovarianceHparams, EditHparams, TemplateHparams, ValueHparams, preset
+from jaxedit.methods import EMMET, MEMIT, METHODS, ROME, Method
+from jaxedit.requests import EditRequest
+
+__all__ = ["load_counterfact", "preservation_covariance", "EditReport", "edit", "edit_values", "emmet", "memit",
+           "rome", "batch_edit", "sequential_batched_edit", "sequential_edit", "context_templates", "evaluate",
+           "format_before_after", "format_table", "CovarianceHparams", "EditHparams", "TemplateHparams",
+           "ValueHparams", "preset", "EMMET", "MEMIT", "METHODS", "ROME", "Method", "EditRequest"]

@@ -29,6 +29,13 @@ def model_fingerprint(params, cfg) -> str:
     return digest.hexdigest()[:20]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary size, special ids and the ids of a probe text."""
+    probe = tokenizer("The quick brown fox, 1995 — Zürich; déjà vu.")["input_ids"]
+    info = [len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, list(probe)]
+    return hashlib.sha256(json.dumps(info).encode()).hexdigest()[:16]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes a file so that a crash leaves either the old file or the complete new one."""
     path = Path(path)

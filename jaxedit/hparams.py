@@ -2,6 +2,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+
+from jaxedit.methods import Method, method as method_named
+
+
+def _finite(owner: str, name: str, value, *, positive: bool = False, minimum: float | None = None):
+    """Raises ValueError unless value is a finite real number (> 0 / >= minimum when asked)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive:
+        ok = value > 0
+    if ok and minimum is not None:
+        ok = value >= minimum
+    if not ok:
+        need = "a finite number" + (" > 0" if positive else f" >= {minimum:g}" if minimum is not None else "")
+        raise ValueError(f"{owner}.{name} must be {need}, got {value!r}")
+
+
+def _whole(owner: str, name: str, value, minimum: int) -> int:
+    """An integer field: ints (and integral numpy ints) >= minimum; 1.5, True or "3" are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,10 +44,13 @@ class ValueHparams:
     early_stop_loss: float = 5e-2
 
     def __post_init__(self):
-        if self.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
-        if self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise ValueError("v_lr and clamp_norm_factor must be positive")
+        _whole("ValueHparams", "v_num_grad_steps", self.v_num_grad_steps, 1)
+        if isinstance(self.v_loss_layer, bool) or not isinstance(self.v_loss_layer, int):
+            raise ValueError(f"ValueHparams.v_loss_layer must be an integer layer index, got {self.v_loss_layer!r}")
+        for name in ("v_lr", "clamp_norm_factor"):
+            _finite("ValueHparams", name, getattr(self, name), positive=True)
+        for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
+            _finite("ValueHparams", name, getattr(self, name), minimum=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +61,35 @@ class TemplateHparams:
     seed: int = 0
     top_k: int = 5
 
+    def __post_init__(self):
+        groups = tuple(tuple(g) for g in self.groups)
+        for g in groups:
+            if len(g) != 2:
+                raise ValueError(f"TemplateHparams.groups must be (length, count) pairs, got {self.groups!r}")
+            _whole("TemplateHparams", "groups length", g[0], 1)
+            _whole("TemplateHparams", "groups count", g[1], 1)
+        object.__setattr__(self, "groups", groups)
+        _whole("TemplateHparams", "top_k", self.top_k, 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class CovarianceHparams:
-    """Where the preservation covariance C0 comes from."""
+    """Where the preservation covariance C0 comes from (jaxedit.editing.covariance.preservation_covariance).
+
+    corpus: a local text file, a bare file name looked up in the data folder's corpus/ (JAXEDIT_DATA),
+      or a Hugging Face dataset id "name[:config]".
+    n_samples: token samples (documents, then later chunks); max_length: tokens per sample at most;
+    batch_size: samples per forward pass.
+    """
 
     corpus: str = "wikitext-103-valid.tokens"
     n_samples: int = 1000
     max_length: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for name in ("n_samples", "max_length", "batch_size"):
+            _whole("CovarianceHparams", name, getattr(self, name), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +111,22 @@ class EditHparams:
     emmet_lambda: float = 0.1
 
     def __post_init__(self):
-        if self.method not in ("rome", "memit", "emmet"):
-            raise ValueError(f"unknown editing method {self.method!r}: expected 'rome', 'memit' or 'emmet'")
-        object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+        object.__setattr__(self, "method", method_named(self.method).name)
+        if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+            raise ValueError(f"EditHparams.layers must be a sequence of layer indices, got {self.layers!r}")
+        object.__setattr__(self, "layers", tuple(_whole("EditHparams", "layers", l, 0) for l in self.layers))
         if not self.layers:
             raise ValueError("EditHparams.layers is empty")
-        if self.method in ("rome", "emmet") and len(self.layers) != 1:
-            raise ValueError(f"{self.method} edits one layer, got layers={self.layers}")
+        self.spec.check_layers(self.layers)
         if len(set(self.layers)) != len(self.layers) or list(self.layers) != sorted(self.layers):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
+        _finite("EditHparams", "mom2_update_weight", self.mom2_update_weight, positive=True)
+        _finite("EditHparams", "emmet_lambda", self.emmet_lambda, minimum=0.0)
+
+    @property
+    def spec(self) -> Method:
+        """The Method this names (site, template grouping, ridge, limits)."""
+        return method_named(self.method)
 
     def replace(self, **changes) -> "EditHparams":
         return dataclasses.replace(self, **changes)
@@ -84,16 +137,20 @@ class EditHparams:
             raise ValueError(f"unknown layer(s) {bad}: the model has layers 0..{num_layers - 1}")
 
 
-ROME_TEMPLATES = TemplateHparams(groups=((5, 10), (10, 10)))
-MEMIT_TEMPLATES = TemplateHparams(groups=((10, 5),))
+def reference_templates(method: str | Method) -> TemplateHparams:
+    """The context templates the method's reference implementation samples (see Method.template_groups)."""
+    return TemplateHparams(groups=method_named(method).template_groups)
 
 
 def _paper_llama3_8b(method: str) -> EditHparams:
     # Yoon et al. 2024: edit layer 1, 25 steps, v_lr 0.5, clamp 4, kl 0.0625, weight decay 1e-3,
     # loss at the last layer.
     return EditHparams(method=method, layers=(1,), value=ValueHparams(),
-                       templates=ROME_TEMPLATES if method == "rome" else MEMIT_TEMPLATES,
+                       templates=reference_templates(method),
                        covariance=CovarianceHparams(n_samples=100000, max_length=512))
+
+
+_SMOLLM2_LAMBDA = {"memit": 100.0}
 
 
 def _smollm2_135m(method: str) -> EditHparams:
@@ -102,9 +159,9 @@ def _smollm2_135m(method: str) -> EditHparams:
     # preservation grows), so MEMIT uses 100. EMMET's equality constraints reach ES 100 whatever
     # lambda; lambda only scales its ridge, kept at the paper's 15000 * 0.1.
     return EditHparams(method=method, layers=(SMOLLM2_EDIT_LAYER,), value=ValueHparams(),
-                       templates=ROME_TEMPLATES if method == "rome" else MEMIT_TEMPLATES,
+                       templates=reference_templates(method),
                        covariance=CovarianceHparams(n_samples=200, max_length=128),
-                       mom2_update_weight=100.0 if method == "memit" else 15000.0)
+                       mom2_update_weight=_SMOLLM2_LAMBDA.get(method_named(method).name, 15000.0))
 
 
 # Layer sweep on SmolLM2 (experiments/results/layer_sweep.md): ES and PS are 100 at layers 0-20 for

@@ -181,6 +181,30 @@ def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias):
     return mlp_block(cfg, lp, h)
 
 
+def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, first_layer: int | jax.Array = 0,
+                last_layer: int | jax.Array | None = None, per_layer: tuple = ()):
+    """The one loop over the stacked layers that every forward variant shares.
+
+    Layer i runs `active(i, layer_params, carry, *per_layer_i)` when first_layer <= i <= last_layer
+    (both data: another range never recompiles) and `skipped(i, carry, *per_layer_i)` otherwise;
+    each returns (carry, y) with y of the same structure, stacked over layers in the result.
+
+    Args:
+      per_layer: arrays with a leading layer axis handed to both functions layer by layer (e.g. the
+        key/value caches).
+    Returns:
+      (final carry, ys stacked on a leading layer axis).
+    """
+    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
+
+    def step(carry, xs):
+        i, lp, extra = xs
+        run = (i >= first_layer) & (i <= last_layer)
+        return jax.lax.cond(run, lambda c: active(i, lp, c, *extra), lambda c: skipped(i, c, *extra), carry)
+
+    return jax.lax.scan(step, carry, (jnp.arange(cfg.num_hidden_layers), params["layers"], tuple(per_layer)))
+
+
 def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, *,
                first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
                capture: Capture | None = None, inject: Injection | None = None,
@@ -195,35 +219,28 @@ def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, 
       (h, captured): the residual stream after last_layer, and Captured (or None).
     """
     b, t, _ = h.shape
-    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
     cos, sin, bias = layer_context(cfg, mask, positions, key_ends)
     batch_idx = jnp.arange(b)[:, None]
 
-    def layer(h, xs):
-        i, lp = xs
+    def active(i, lp, h):
+        h, mlp_in, mlp_out = decoder_layer(cfg, lp, h, cos, sin, bias)
+        if inject is not None:
+            valid = (inject.positions >= 0) & (i == inject.layer)
+            delta = jnp.where(valid[..., None], inject.delta, 0).astype(h.dtype)
+            h = h.at[batch_idx, jnp.clip(inject.positions, 0, t - 1)].add(delta)
+        if capture is None:
+            return h, ()
+        p = capture.positions
+        return h, (_gather_positions(mlp_in, p), _gather_positions(mlp_out, p), _gather_positions(h, p))
 
-        def active(h):
-            h, mlp_in, mlp_out = decoder_layer(cfg, lp, h, cos, sin, bias)
-            if inject is not None:
-                valid = (inject.positions >= 0) & (i == inject.layer)
-                delta = jnp.where(valid[..., None], inject.delta, 0).astype(h.dtype)
-                h = h.at[batch_idx, jnp.clip(inject.positions, 0, t - 1)].add(delta)
-            if capture is None:
-                return h, ()
-            p = capture.positions
-            return h, (_gather_positions(mlp_in, p), _gather_positions(mlp_out, p), _gather_positions(h, p))
+    def skipped(i, h):
+        if capture is None:
+            return h, ()
+        p = capture.positions.shape[1]
+        z = lambda c: jnp.zeros((b, p, c), h.dtype)
+        return h, (z(cfg.intermediate_size), z(cfg.hidden_size), z(cfg.hidden_size))
 
-        def skipped(h):
-            if capture is None:
-                return h, ()
-            p = capture.positions.shape[1]
-            z = lambda c: jnp.zeros((b, p, c), h.dtype)
-            return h, (z(cfg.intermediate_size), z(cfg.hidden_size), z(cfg.hidden_size))
-
-        run = (i >= first_layer) & (i <= last_layer)
-        return jax.lax.cond(run, active, skipped, h)
-
-    h, ys = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"]))
+    h, ys = scan_layers(params, cfg, h, active, skipped, first_layer=first_layer, last_layer=last_layer)
     captured = None
     if capture is not None:
         captured = Captured(*(y[capture.layers] for y in ys))
@@ -255,23 +272,16 @@ def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions:
     """
     b = h.shape[0]
     s = caches[0].shape[2]
-    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
     cos, sin = lm.rope_angles(cfg, positions)
     bias = lm.attention_bias(write_slots, jnp.broadcast_to(jnp.arange(s), (b, s)), key_mask)
 
-    def layer(h, xs):
-        i, lp, k_cache, v_cache = xs
+    def active(i, lp, h, k_cache, v_cache):
+        h, kv = attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), write_slots)
+        h, _, _ = mlp_block(cfg, lp, h)
+        return h, kv
 
-        def active(h):
-            h, kv = attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), write_slots)
-            h, _, _ = mlp_block(cfg, lp, h)
-            return h, kv
-
-        run = (i >= first_layer) & (i <= last_layer)
-        return jax.lax.cond(run, active, lambda h: (h, (k_cache, v_cache)), h)
-
-    h, caches = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"], *caches))
-    return h, caches
+    return scan_layers(params, cfg, h, active, lambda i, h, k, v: (h, (k, v)), first_layer=first_layer,
+                       last_layer=last_layer, per_layer=tuple(caches))
 
 
 def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array,
@@ -290,21 +300,15 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
     The value optimisation's inner loop: the prefix is constant, so unlike run_layers_cached nothing
     is written into it, and differentiating h never touches it.
     """
-    last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
     cos, sin = lm.rope_angles(cfg, positions)
 
-    def layer(h, xs):
-        i, lp, k_prefix, v_prefix = xs
+    def active(i, lp, h, k_prefix, v_prefix):
+        h, _ = attention_block(cfg, lp, h, cos, sin, bias, prefix=(k_prefix, v_prefix, prefix_bias))
+        h, _, _ = mlp_block(cfg, lp, h)
+        return h, ()
 
-        def active(h):
-            h, _ = attention_block(cfg, lp, h, cos, sin, bias, prefix=(k_prefix, v_prefix, prefix_bias))
-            h, _, _ = mlp_block(cfg, lp, h)
-            return h
-
-        run = (i >= first_layer) & (i <= last_layer)
-        return jax.lax.cond(run, active, lambda h: h, h), ()
-
-    h, _ = jax.lax.scan(layer, h, (jnp.arange(cfg.num_hidden_layers), params["layers"], *prefix))
+    h, _ = scan_layers(params, cfg, h, active, lambda i, h, k, v: (h, ()), first_layer=first_layer,
+                       last_layer=last_layer, per_layer=tuple(prefix))
     return h
 
 

@@ -6,10 +6,14 @@ import pytest
 
 
 def _data_dir() -> Path:
-    root = Path(os.environ.get("JAXEDIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    # The library never guesses where data lives; the suite defaults to the checkout's ../shared/data.
+    root = Path(os.environ.setdefault("JAXEDIT_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data")))
     if not root.exists():
         raise RuntimeError(f"shared data folder not found at {root}; set JAXEDIT_DATA")
     return root
+
+
+_data_dir()
 
 
 @pytest.fixture(scope="session")

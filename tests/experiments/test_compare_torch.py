@@ -9,20 +9,13 @@ import numpy as np
 import pytest
 
 from experiments import compare_torch
-from jaxedit import covariance, hparams
+from jaxedit.editing import covariance
+from jaxedit import hparams
 from jaxedit.requests import EditRequest
 from llama3_flax import config, model
+from jaxedit.testing import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class CharTokenizer:
-    """Characters as ids 3..127, BOS 1 first (so every subject boundary is a token boundary)."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-
-    def __call__(self, text, add_special_tokens=True, **_):
-        return {"input_ids": ([1] if add_special_tokens else []) + [3 + ord(c) % 125 for c in text]}
 
 
 REQUESTS = (
@@ -67,7 +60,7 @@ def test_tiny_agreement(tiny):
 
 
 def test_baseline_solves_match_the_papers_formulas():
-    from jaxedit import torch_baseline as tb
+    from baselines import torch_reference as tb
 
     rng = np.random.default_rng(0)
     f, d, n = 12, 5, 3

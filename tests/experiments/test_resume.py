@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 
-from experiments import common
+from experiments import results_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ def _start(args, env):
 
 
 def _cells(path):
-    return [r for r in common.read_jsonl(path) if r.get("type") == "cell"]
+    return [r for r in results_log.read_jsonl(path) if r.get("type") == "cell"]
 
 
 def test_layer_sweep_killed_and_restarted_runs_each_cell_once(tmp_path):

@@ -60,7 +60,7 @@ class DroppingTokenizer:
 
 
 def test_subject_that_tokenises_to_nothing():
-    from jaxedit.keys import subject_last_index
+    from jaxedit.editing.keys import subject_last_index
     r = make(subject="\u200b")
     with pytest.raises(ValueError, match="case 7: field 'subject' .* tokenises to nothing"):
         subject_last_index(DroppingTokenizer(), "The mother tongue of ", r)

@@ -1,0 +1,59 @@
+"""What every experiment program shares at start-up: its common flags, JAX's persistent compilation
+cache, and list-valued flag parsing."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from absl import flags
+
+from jaxedit.data import paths
+
+FLAGS = flags.FLAGS
+
+DEFAULT_CACHE = paths.cache_dir()  # $JAXEDIT_CACHE or ~/.cache/jaxedit
+TINY = "tiny-random"
+
+
+def define_common_flags(default_out: str):
+    """Flags every sweep shares (call once, at import of the program module)."""
+    flags.DEFINE_string("model", "smollm2", "'smollm2' (offline GGUF), a .gguf file, an HF folder, or "
+                        f"'{TINY}' (random 4-layer model + word tokenizer, for tests)")
+    flags.DEFINE_string("counterfact", "edit", "CounterFact source for jaxedit.data.counterfact.load_counterfact: "
+                        "'edit'/'train' (shared data, $JAXEDIT_DATA), a local .json, 'original', an URL")
+    flags.DEFINE_integer("seed", 0, "seed of the CounterFact case selection")
+    flags.DEFINE_string("out", default_out, "JSONL results file (appended to; finished cells are skipped)")
+    flags.DEFINE_string("cache_dir", str(DEFAULT_CACHE), "covariance / template / value caches")
+    flags.DEFINE_string("corpus", None, "corpus for the preservation covariance C0 (default: "
+                        "<data>/corpus/wikitext-103-valid.tokens)")
+    flags.DEFINE_integer("cov_samples", None, "override the preset's covariance sample count")
+    flags.DEFINE_integer("cov_max_length", None, "override the preset's covariance sample length")
+    flags.DEFINE_integer("v_steps", None, "override the value optimisation's number of Adam steps")
+    flags.DEFINE_string("jit_cache", os.environ.get("JAXEDIT_JIT_CACHE", ""), "persistent XLA compilation "
+                        "cache folder (default $JAXEDIT_JIT_CACHE; empty: off)")
+    flags.DEFINE_float("test_pause_after_cell", 0.0, "testing hook: sleep this long after each finished "
+                       "cell (lets a test kill a tiny run mid-way)")
+    flags.DEFINE_boolean("value_cache", True, "keep target values on disk per (model, layer, case, "
+                         "hparams), so sweeps sharing the unedited model reuse them")
+
+
+def init_jax(jit_cache: str | None = None):
+    """Turns on JAX's persistent compilation cache when a folder is given (restarts skip recompiling)."""
+    jit_cache = FLAGS.jit_cache if jit_cache is None else jit_cache
+    if not jit_cache:
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(jit_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception as e:  # an older/newer JAX without these options: run without the cache
+        logging.warning("persistent compilation cache not enabled: %s", e)
+
+
+def parse_int_list(text: str | Sequence) -> list[int]:
+    if isinstance(text, (list, tuple)):
+        return [int(x) for x in text]
+    return [int(x) for x in str(text).replace(",", " ").split()]

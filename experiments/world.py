@@ -1,0 +1,76 @@
+"""The model, hparams, cases, C0 and templates an experiment program works on, from its flags.
+
+--model=smollm2 (the offline SmolLM2-135M GGUF), a .gguf file or an HF folder, or "tiny-random": a
+4-layer random Llama with a word-level hashing tokenizer (jaxedit.testing), for tests of the
+programs' plumbing in seconds (its metrics mean nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+from experiments.program import FLAGS, TINY
+from jaxedit import testing
+
+
+def load_model(spec: str):
+    """(cfg, params, tokenizer) for a --model value."""
+    if spec == TINY:
+        return testing.tiny_model()
+    from llama3_flax import checkpoint
+
+    return checkpoint.load_model(spec)
+
+
+def preset_name(spec: str) -> str:
+    return "smollm2-135m"  # tiny-random borrows SmolLM2's settings, shrunk by hparams_for
+
+
+def hparams_for(spec: str, method: str, layer: int | None = None, v_steps: int | None = None,
+                cov_samples: int | None = None, cov_max_length: int | None = None):
+    """The preset hparams of a method for a --model value, with optional overrides."""
+    from jaxedit import hparams as H
+
+    hp = H.preset(preset_name(spec), method)
+    if spec == TINY:  # cheap: short templates, few samples, few steps
+        hp = hp.replace(templates=H.TemplateHparams(groups=((4, 5),)),
+                        covariance=H.CovarianceHparams(n_samples=16, max_length=32),
+                        value=dataclasses.replace(hp.value, v_num_grad_steps=4), layers=(1,))
+    if layer is not None:
+        hp = hp.replace(layers=(int(layer),))
+    if v_steps is not None:
+        hp = hp.replace(value=dataclasses.replace(hp.value, v_num_grad_steps=v_steps))
+    if cov_samples is not None or cov_max_length is not None:
+        hp = hp.replace(covariance=dataclasses.replace(
+            hp.covariance, n_samples=cov_samples or hp.covariance.n_samples,
+            max_length=cov_max_length or hp.covariance.max_length))
+    return hp
+
+
+def hparams_from_flags(method: str, layer: int | None = None):
+    return hparams_for(FLAGS.model, method, layer, FLAGS.v_steps, FLAGS.cov_samples, FLAGS.cov_max_length)
+
+
+def load_cases(source: str, n: int | None = None, seed: int = 0, ids: Sequence | None = None):
+    from jaxedit.data.counterfact import load_counterfact
+
+    return load_counterfact(source, ids=ids, n=n, seed=seed)
+
+
+def covariances(params, cfg, tok, layers: Sequence[int], hp, cache_dir: str | os.PathLike | None,
+                corpus: str | None = None, progress: bool = True) -> dict:
+    """{layer: C0} for all layers in one corpus pass (cached on disk per layer)."""
+    from jaxedit.editing.covariance import preservation_covariance
+
+    spec = hp.covariance if corpus is None else dataclasses.replace(hp.covariance, corpus=str(corpus))
+    return preservation_covariance(params, cfg, tok, sorted(set(int(l) for l in layers)), spec,
+                                   cache_dir=None if cache_dir is None else Path(cache_dir) / "cov",
+                                   progress=progress)
+
+
+def templates(params, cfg, tok, hp, cache_dir):
+    from jaxedit.editing.templates import context_templates
+
+    return context_templates(params, cfg, tok, hp.templates, cache_dir=cache_dir)

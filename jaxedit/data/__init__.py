@@ -1,0 +1,1 @@
+"""Data: CounterFact loaders, text corpora for C0, and where data and caches live."""

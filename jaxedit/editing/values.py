@@ -1,0 +1,282 @@
+"""Target values: for every request of a batch at once, the vector that, added at the subject's last
+token to the edited layer's output, makes the model say target_new (one jitted Adam loop)."""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llama3_flax.model import (Capture, embed, empty_kv_cache, final_hidden, rope_positions, run_layers,
+                               run_layers_cached, run_layers_over_prefix, unembedding)
+from llama3_flax import math as lm
+
+from jaxedit.hparams import ValueHparams
+from jaxedit.editing.keys import fill, pad_rows, subject_last_index
+from jaxedit.requests import EditRequest
+from jaxedit.editing.tokenize import encode_prompt, encode_target, pad_id
+from jaxedit.packing import bucket, first_fit_decreasing
+
+KL_TEMPLATE = "{} is a"
+
+
+@flax.struct.dataclass
+class SuffixLanes:
+    """The token slots that depend on the delta (each row's, from the subject's last token to its end),
+    packed densely into lanes of W tokens, so short suffixes cost no padding.
+
+    Several rows share a lane; each keeps its own stretch of the lane's read-only prefix cache (a copy
+    of its row's keys/values before the subject's last token). A row's lane tokens occupy slots
+    [start, end) of the lane; each of them sees the earlier ones of the row, and the row's cached
+    prefix (llama3_flax.math.attention_bias with key ends).
+
+    row, slot: (Lanes, W) the row and slot of each lane token (0 for padding tokens).
+    end: (Lanes, W) the end of the token's row in the lane (0 for padding: seen by nothing).
+    inject: (Lanes, W) 1 at each real row's subject last token (where the delta is added).
+    cache_row, cache_slot: (Lanes, S) the row cache slot each prefix cache slot is copied from.
+    cache_start, cache_end: (Lanes, S) the lane slots [start, end) of the row owning each prefix
+      cache slot (0, 0 for unused slots).
+    """
+
+    row: jax.Array
+    slot: jax.Array
+    end: jax.Array
+    inject: jax.Array
+    cache_row: jax.Array
+    cache_slot: jax.Array
+    cache_start: jax.Array
+    cache_end: jax.Array
+
+    @property
+    def tokens(self) -> int:
+        return int(self.row.shape[0] * self.row.shape[1])
+
+
+@flax.struct.dataclass
+class ValueBatch:
+    """Rows: for each request, its rewriting prompts (one per template), then one KL row per request.
+
+    tokens, mask: (N, T). lookup: (N,) subject-last-token slot. owner: (N,) request index.
+    first_row: (n,) each request's "{}" template row (where the initial value is read).
+    lanes: the rows' suffixes, packed (SuffixLanes); flat lane-token indices below are lane * W + i.
+    target_tok, target_ids: (M,) the lane token whose output predicts each target token, and the token.
+    target_req, target_w: (M,) its request, and 1 / (len(target) * templates) (0 for padding slots):
+      summing target_w * NLL per request gives the mean over templates of the mean-token NLL.
+    kl_tok: (n,) the lane token of each request's KL position.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    lookup: jax.Array
+    owner: jax.Array
+    first_row: jax.Array
+    lanes: SuffixLanes
+    target_tok: jax.Array
+    target_ids: jax.Array
+    target_req: jax.Array
+    target_w: jax.Array
+    kl_tok: jax.Array
+
+
+def pack_suffixes(lengths: Sequence[int], lookup: Sequence[int], min_width: int = 8
+                  ) -> tuple[SuffixLanes, np.ndarray]:
+    """First-fit-decreasing packing of the rows' suffixes (slots lookup..length-1) into lanes.
+
+    min_width: lane width (widened to the longest suffix, rounded up to 8). Narrow lanes keep each
+    lane's prefix cache short (attention cost); the suffixes of a few tokens still pack tightly.
+    Lane counts and cache lengths are rounded up so that similar batches share compilations.
+    Returns the lanes and the flat lane-token index of each row's first suffix token.
+    """
+    suffix = [length - start for length, start in zip(lengths, lookup)]
+    width = max(min_width, bucket(max(suffix), 8))
+    lanes = first_fit_decreasing(suffix, width)  # rows of each lane
+    n_lanes = bucket(len(lanes), 2) if len(lanes) > 1 else 1
+    cache_len = bucket(max(sum(lookup[r] for r in lane) for lane in lanes), 32)
+    shape, cshape = (n_lanes, width), (n_lanes, cache_len)
+    row, slot, end, inject = (np.zeros(shape, np.int32) for _ in range(4))
+    cache_row, cache_slot, cache_start, cache_end = (np.zeros(cshape, np.int32) for _ in range(4))
+    first_tok = np.zeros(len(suffix), np.int32)
+    for lane, members in enumerate(lanes):
+        offset, i = 0, 0  # cache offset of the member, next lane token
+        for r in members:
+            stretch = slice(offset, offset + lookup[r])
+            cache_row[lane, stretch], cache_slot[lane, stretch] = r, np.arange(lookup[r])
+            cache_start[lane, stretch], cache_end[lane, stretch] = i, i + suffix[r]
+            k = np.arange(suffix[r])
+            row[lane, i + k], slot[lane, i + k], end[lane, i + k] = r, lookup[r] + k, i + suffix[r]
+            inject[lane, i] = 1
+            first_tok[r] = lane * width + i
+            offset, i = offset + lookup[r], i + suffix[r]
+    arrays = (row, slot, end, inject, cache_row, cache_slot, cache_start, cache_end)
+    return SuffixLanes(*(jnp.asarray(a) for a in arrays)), first_tok
+
+
+def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> ValueBatch:
+    """Rewriting prompt = template around the prompt, then target_new's tokens but the last (teacher
+    forcing: the token before target token j predicts it)."""
+    ids, lookup, owner, targets = [], [], [], []  # targets: (target ids, prompt length) of rewriting rows
+    for i, r in enumerate(requests):
+        target = encode_target(tokenizer, r.target_new)
+        for t in templates:
+            prefix, text = fill(t, r)
+            prompt = encode_prompt(tokenizer, text)
+            ids.append(prompt + target[:-1])
+            lookup.append(subject_last_index(tokenizer, prefix, r))
+            owner.append(i)
+            targets.append((target, len(prompt)))
+    n, kl_start = len(requests), len(ids)
+    for i, r in enumerate(requests):
+        prefix = KL_TEMPLATE[: KL_TEMPLATE.index("{}")]  # "{subject} is a": the subject alone, no prompt
+        ids.append(encode_prompt(tokenizer, KL_TEMPLATE.replace("{}", r.subject)))
+        lookup.append(subject_last_index(tokenizer, prefix, r))
+        owner.append(i)
+    lanes, first_tok = pack_suffixes([len(x) for x in ids], lookup)
+    slots = [(first_tok[row] + prompt_len - 1 - lookup[row] + j, tid, owner[row],
+              1.0 / (len(target) * len(templates)))
+             for row, (target, prompt_len) in enumerate(targets) for j, tid in enumerate(target)]
+    slots += [(0, 0, 0, 0.0)] * (bucket(len(slots), 8) - len(slots))
+    target_tok, target_ids, target_req, target_w = (np.asarray(x) for x in zip(*slots))
+    tokens, mask, lookup_arr = pad_rows(ids, np.asarray(lookup, np.int32), pad_id(tokenizer))
+    owner = np.asarray(owner + [0] * (tokens.shape[0] - len(owner)), np.int32)
+    arrays = (tokens, mask, lookup_arr, owner, np.arange(n) * len(templates))
+    return ValueBatch(*(jnp.asarray(a, jnp.int32) for a in arrays), lanes=lanes,
+                      target_tok=jnp.asarray(target_tok, jnp.int32), target_ids=jnp.asarray(target_ids, jnp.int32),
+                      target_req=jnp.asarray(target_req, jnp.int32), target_w=jnp.asarray(target_w, jnp.float32),
+                      kl_tok=jnp.asarray(first_tok[kl_start:kl_start + n]))
+
+
+@flax.struct.dataclass
+class Values:
+    """Per request (n, ·): target = init + delta, where init is the edited layer's output at the
+    subject's last token of the bare prompt (ROME: MLP output; MEMIT/EMMET: residual output)."""
+
+    target: jax.Array
+    init: jax.Array
+    delta: jax.Array
+    loss: jax.Array
+    nll: jax.Array
+    steps: jax.Array
+
+
+def _safe_norm(x):
+    """||x|| over the last axis with gradient 0 (not NaN) at x = 0, like torch.norm."""
+    sq = jnp.sum(x * x, axis=-1)
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site"))
+def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, site: str) -> Values:
+    """The batched value optimisation (losses as in the ROME/MEMIT reference implementations):
+
+    loss_r = mean over r's rewriting prompts of the mean-token NLL of target_new
+             + kl_factor * KL(p_delta || p_0) of the next-token distribution at the subject's last
+               token of "{subject} is a" (where the reference implementations read it)
+             + v_weight_decay * ||delta_r|| / ||init_r||^2,
+    Adam(v_lr) for at most v_num_grad_steps evaluations, delta_r clamped to clamp_norm_factor *
+    ||init_r||, request r frozen once loss_r < early_stop_loss. The requests' losses are independent
+    and Adam is elementwise, so optimising them jointly equals optimising each alone.
+
+    Prefix caching: nothing before the subject's last token depends on delta (causal attention), and
+    no layer up to `layer` does. So one pass fills a key/value cache, and each step runs only the
+    slots from the subject's last token on through the layers after `layer`, packed densely into
+    lanes (batch.lanes) that attend to their rows' cached prefixes, masked to each row's own segment.
+    """
+    n = batch.kl_tok.shape[0]
+    rows, t = batch.tokens.shape
+    lanes = batch.lanes
+    capture = Capture(layers=jnp.reshape(layer, (1,)), positions=batch.lookup[:, None])
+    h_layer, captured = run_layers(params, cfg, embed(params, batch.tokens), batch.mask, last_layer=layer,
+                                   capture=capture)
+    outputs = captured.mlp_out if site == "mlp" else captured.resid_out
+    init = outputs[0, batch.first_row, 0].astype(jnp.float32)  # (n, D)
+    init_norm = jnp.linalg.norm(init, axis=-1)
+
+    # Fill the rows' caches of the later layers at delta = 0 (their slots before the subject stay
+    # valid), then copy each row's stretch into its lane.
+    positions = rope_positions(batch.mask)
+    all_slots = jnp.broadcast_to(jnp.arange(t), (rows, t))
+    _, row_caches = run_layers_cached(params, cfg, h_layer, positions, all_slots, batch.mask,
+                                      empty_kv_cache(cfg, rows, t), first_layer=layer + 1)
+    prefix = tuple(c[:, lanes.cache_row, lanes.cache_slot] for c in row_caches)
+    n_lanes, width = lanes.row.shape
+    lane_slots = jnp.broadcast_to(jnp.arange(width), (n_lanes, width))
+    self_bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end)
+    # a row's cached prefix is seen by its lane tokens: placed at the row's first lane slot
+    prefix_bias = lm.attention_bias(lane_slots, lanes.cache_start, lanes.cache_end > 0, lanes.cache_end)
+    h_lanes = h_layer[lanes.row, lanes.slot]  # (Lanes, W, D)
+    pos_lanes = positions[lanes.row, lanes.slot]
+    owner_lanes = batch.owner[lanes.row]
+    d = h_lanes.shape[-1]
+    w_out = unembedding(params, cfg)
+
+    def log_probs(h):
+        return jax.nn.log_softmax(lm.linear(final_hidden(params, cfg, h), w_out).astype(jnp.float32), axis=-1)
+
+    def losses(delta, ref_kl, first):
+        h = h_lanes + (lanes.inject[..., None] * delta[owner_lanes]).astype(h_lanes.dtype)
+        h = run_layers_over_prefix(params, cfg, h, pos_lanes, self_bias, prefix, prefix_bias,
+                                   first_layer=layer + 1)
+        h = h.reshape(-1, d)
+        lp = log_probs(h[batch.target_tok])  # (M, V)
+        tok_lp = jnp.take_along_axis(lp, batch.target_ids[:, None], axis=-1)[:, 0]
+        nll = jax.ops.segment_sum(-tok_lp * batch.target_w, batch.target_req, num_segments=n)
+        kl_lp = log_probs(h[batch.kl_tok])  # (n, V)
+        # The first evaluation is at delta = 0: its own distribution is the reference (KL and its
+        # gradient are 0 there either way), which saves a separate reference pass.
+        ref_kl = jnp.where(first, jax.lax.stop_gradient(kl_lp), ref_kl)
+        kl = jnp.sum(jnp.exp(kl_lp) * (kl_lp - ref_kl), axis=-1)
+        per_request = nll + hp.kl_factor * kl + hp.v_weight_decay * _safe_norm(delta) / init_norm ** 2
+        return jnp.sum(per_request), (per_request, nll, kl_lp)
+
+    zeros = jnp.zeros_like(init)
+    opt = optax.adam(hp.v_lr)
+    max_norm = hp.clamp_norm_factor * init_norm
+
+    def cond(state):
+        it, _, _, done, *_ = state
+        return (it < hp.v_num_grad_steps) & ~jnp.all(done)
+
+    def body(state):
+        it, delta, opt_state, done, loss, nll, steps, ref_kl = state
+        (_, (per_request, per_nll, kl_lp)), grad = jax.value_and_grad(losses, has_aux=True)(delta, ref_kl, it == 0)
+        ref_kl = jax.lax.stop_gradient(jnp.where(it == 0, kl_lp, ref_kl))
+        loss = jnp.where(done, loss, per_request)
+        nll = jnp.where(done, nll, per_nll)
+        done = done | (per_request < hp.early_stop_loss) | (it == hp.v_num_grad_steps - 1)
+        updates, new_state = opt.update(grad, opt_state, delta)
+        stepped = delta + updates
+        norm = jnp.linalg.norm(stepped, axis=-1)
+        stepped = stepped * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))[:, None]
+        delta = jnp.where(done[:, None], delta, stepped)
+        steps = steps + (~done).astype(jnp.int32)
+        return it + 1, delta, new_state, done, loss, nll, steps, ref_kl
+
+    state = (jnp.int32(0), zeros, opt.init(zeros), jnp.zeros(n, bool), jnp.zeros(n), jnp.zeros(n),
+             jnp.zeros(n, jnp.int32), jnp.zeros((n, w_out.shape[0]), jnp.float32))
+    _, delta, _, _, loss, nll, steps, _ = jax.lax.while_loop(cond, body, state)
+    return Values(target=init + delta, init=init, delta=delta, loss=loss, nll=nll, steps=steps)
+
+
+def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                   layer: int, hp: ValueHparams, site: str = "resid", chunk_size: int = 64) -> Values:
+    """Values for all requests, optimised together in chunks of `chunk_size` requests.
+
+    site: "resid" (MEMIT/EMMET: the layer's residual output) or "mlp" (ROME: its MLP output); the
+    delta is injected at the same place either way (the MLP output is the last term of the residual).
+    """
+    if site not in ("resid", "mlp"):
+        raise ValueError(f"site must be 'resid' or 'mlp', got {site!r}")
+    if hp.v_loss_layer not in (-1, cfg.num_hidden_layers - 1):
+        raise ValueError(f"v_loss_layer={hp.v_loss_layer}: only the last layer is supported")
+    if not 0 <= layer < cfg.num_hidden_layers:
+        raise ValueError(f"unknown layer {layer}: the model has layers 0..{cfg.num_hidden_layers - 1}")
+    parts = []
+    for start in range(0, len(requests), chunk_size):
+        batch = build_value_batch(tokenizer, requests[start:start + chunk_size], templates)
+        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)

@@ -1,0 +1,1 @@
+"""Evaluation: scoring (prompt, target) pairs, CounterFact metrics, generation entropy and tables."""

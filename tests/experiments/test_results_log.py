@@ -1,0 +1,77 @@
+"""The resumable JSONL log: torn last lines, repair before appending, latest complete attempts."""
+import json
+
+from experiments import records
+from experiments import results_log
+from jaxedit import testing
+
+
+def _write(path, records, tail=b""):
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + tail)
+
+
+def test_read_jsonl_drops_truncated_last_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    _write(p, [{"a": 1}, {"a": 2}], tail=b'{"a": 3, "b": [1, 2')
+    assert results_log.read_jsonl(p) == [{"a": 1}, {"a": 2}]
+    assert p.read_bytes().endswith(b'[1, 2')  # not repaired unless asked
+
+
+def test_read_jsonl_truncated_line_that_parses_is_still_dropped(tmp_path):
+    # a torn write may cut a record where the prefix happens to be valid JSON ("12" of "123")
+    p = tmp_path / "r.jsonl"
+    _write(p, [{"a": 1}], tail=b"12")
+    assert results_log.read_jsonl(p) == [{"a": 1}]
+
+
+def test_results_log_repairs_then_appends_on_a_fresh_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    _write(p, [{"type": "cell", "key": {"x": 1}}], tail=b'{"type": "cell", "key": {"x"')
+    log = results_log.ResultsLog(p)
+    assert log.is_finished({"x": 1}) and not log.is_finished({"x": 2})
+    log.append({"type": "cell", "key": {"x": 2}})
+    lines = p.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 3
+    again = results_log.ResultsLog(p)
+    assert [r["key"]["x"] for r in again.records] == [1, 2]
+    assert again.finished() == {results_log.key_id({"x": 1}), results_log.key_id({"x": 2})}
+
+
+def test_malformed_complete_line_is_skipped(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"a": 1}\nnot json\n{"a": 2}\n')
+    assert results_log.read_jsonl(p) == [{"a": 1}, {"a": 2}]
+
+
+def test_key_id_is_order_independent():
+    assert results_log.key_id({"a": 1, "b": 2}) == results_log.key_id({"b": 2, "a": 1})
+
+
+def test_latest_complete_ignores_interrupted_and_superseded_attempts():
+    key, other = {"m": "memit", "b": 2}, {"m": "emmet", "b": 2}
+    recs = [
+        {"type": "batch", "key": key, "attempt": "A", "batch_index": 0},  # interrupted attempt A
+        {"type": "batch", "key": key, "attempt": "B", "batch_index": 0},
+        {"type": "batch", "key": key, "attempt": "B", "batch_index": 1},
+        {"type": "cell", "key": key, "attempt": "B"},
+        {"type": "batch", "key": other, "attempt": "C", "batch_index": 0},  # never finished
+    ]
+    cells, batches = results_log.latest_complete(recs)
+    assert list(cells) == [results_log.key_id(key)]
+    assert [(b["attempt"], b["batch_index"]) for b in batches[results_log.key_id(key)]] == [("B", 0), ("B", 1)]
+
+
+def test_aggregate_cases_matches_harmonic_mean():
+    rows = [{"case_id": 1, "es": 100.0, "ps": 50.0, "ns": 100.0, "em": 1.0, "pm": 0.5, "nm": 0.1},
+            {"case_id": 2, "es": 100.0, "ps": 100.0, "ns": 50.0, "em": 1.0, "pm": 0.5, "nm": None}]
+    a = records.aggregate_cases(rows)
+    assert a["es"] == 100.0 and a["ps"] == 75.0 and a["ns"] == 75.0 and a["nm"] == 0.1
+    assert abs(a["s"] - 3 / (1 / 100 + 2 / 75)) < 1e-9
+
+
+def test_word_hash_tokenizer():
+    tok = testing.WordTokenizer(64)
+    ids = tok("The capital of France is")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 6 and all(3 <= i < 64 for i in ids[1:])
+    assert tok(" Paris", add_special_tokens=False)["input_ids"] == tok("Paris", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).split() == "The capital of France is".split()

@@ -1,0 +1,128 @@
+"""The batched, prefix-cached value optimisation against a naive per-request full-sequence loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llama3_flax.model import Capture, Injection, forward
+from jaxedit.hparams import ValueHparams
+from jaxedit.requests import EditRequest
+from jaxedit.editing.values import compute_values, pack_suffixes
+
+TEMPLATES = ("{}", "Once upon a time. {}", "Because of that, {}")
+REQUESTS = [
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", case_id=0),
+    EditRequest("{} is a twin city of", "Lyon", "Beijing", case_id=1),
+    EditRequest("The official religion of {} is", "Edwin of Northumbria", "Islam", case_id=2),
+]
+
+
+def naive_values(params, cfg, tok, request, layer, hp, site):
+    """One request, full sequences, injection through llama3_flax.model.Injection, plain Python loop."""
+    target = tok(" " + request.target_new, add_special_tokens=False)["input_ids"]
+    rows, lookups, starts = [], [], []
+    for t in TEMPLATES + ("{} is a",):
+        text = t.replace("{}", request.prompt if t != "{} is a" else "{}").replace("{}", request.subject)
+        prefix = text[: text.index(request.subject)]
+        prompt = tok(text)["input_ids"]
+        rows.append(prompt + (target[:-1] if t != "{} is a" else []))
+        lookups.append(len(tok(prefix + request.subject)["input_ids"]) - 1)
+        starts.append(len(prompt) - 1)
+    width = max(map(len, rows))
+    tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows])
+    mask = jnp.asarray([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    lookup = jnp.asarray(lookups)[:, None]
+    _, cap = forward(params, cfg, tokens, mask, capture=Capture(jnp.asarray([layer]), lookup))
+    init = (cap.mlp_out if site == "mlp" else cap.resid_out)[0, 0, 0]
+    n_rw = len(TEMPLATES)
+
+    def loss_fn(delta, ref_kl):
+        inj = Injection(layer=jnp.int32(layer), positions=lookup, delta=jnp.broadcast_to(delta, (len(rows), 1, delta.shape[0])))
+        logp = jax.nn.log_softmax(forward(params, cfg, tokens, mask, inject=inj), axis=-1)
+        nll = 0.0
+        for r in range(n_rw):
+            nll += -sum(logp[r, starts[r] + j, target[j]] for j in range(len(target))) / len(target)
+        nll = nll / n_rw
+        kl_lp = logp[n_rw, lookups[n_rw]]
+        kl = jnp.sum(jnp.exp(kl_lp) * (kl_lp - ref_kl))
+        return nll + hp.kl_factor * kl + hp.v_weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / jnp.sum(init ** 2), kl_lp
+
+    delta = jnp.zeros_like(init)
+    _, ref_kl = jax.jit(loss_fn)(delta, jnp.zeros(cfg.vocab_size))
+    opt = optax.adam(hp.v_lr)
+    state = opt.init(delta)
+    loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    for it in range(hp.v_num_grad_steps):
+        (loss, _), grad = loss_and_grad(delta, ref_kl)
+        if loss < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+            break
+        upd, state = opt.update(grad, state, delta)
+        delta = delta + upd
+        max_norm = hp.clamp_norm_factor * jnp.linalg.norm(init)
+        if jnp.linalg.norm(delta) > max_norm:
+            delta = delta * max_norm / jnp.linalg.norm(delta)
+    return np.asarray(init), np.asarray(delta), float(loss)
+
+
+@pytest.mark.parametrize("site,layer", [("resid", 1), ("mlp", 0)])
+def test_batched_prefix_cached_values_equal_naive_loop(tiny_with_tokenizer, site, layer):
+    cfg, params, tok = tiny_with_tokenizer
+    hp = ValueHparams(v_num_grad_steps=6, v_lr=0.5, clamp_norm_factor=0.75)
+    vals = compute_values(params, cfg, tok, REQUESTS, TEMPLATES, layer, hp, site=site)
+    for i, r in enumerate(REQUESTS):
+        init, delta, loss = naive_values(params, cfg, tok, r, layer, hp, site)
+        np.testing.assert_allclose(np.asarray(vals.init[i]), init, rtol=1e-5, atol=1e-6)
+        err = np.linalg.norm(np.asarray(vals.delta[i]) - delta) / np.linalg.norm(delta)
+        assert err < 1e-4, (i, err)
+        assert abs(float(vals.loss[i]) - loss) < 1e-4 * max(1.0, abs(loss))
+        np.testing.assert_allclose(np.asarray(vals.target[i]), np.asarray(vals.init[i] + vals.delta[i]), rtol=1e-6)
+
+
+def test_clamp_and_steps(tiny_with_tokenizer):
+    cfg, params, tok = tiny_with_tokenizer
+    hp = ValueHparams(v_num_grad_steps=5, v_lr=5.0, clamp_norm_factor=0.1)
+    vals = compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, hp)
+    ratio = np.linalg.norm(np.asarray(vals.delta), axis=1) / np.linalg.norm(np.asarray(vals.init), axis=1)
+    assert np.all(ratio <= 0.1 + 1e-5) and np.all(ratio > 0.09)  # clamped, and the clamp is active
+    assert np.all(np.asarray(vals.steps) == 4)  # 5 evaluations, the last without an update
+
+
+def test_early_stopping_freezes_a_request(tiny_with_tokenizer):
+    cfg, params, tok = tiny_with_tokenizer
+    # An early-stop threshold above every loss stops each request at the first evaluation.
+    hp = ValueHparams(v_num_grad_steps=5, early_stop_loss=1e9)
+    vals = compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, hp)
+    assert np.all(np.asarray(vals.steps) == 0)
+    assert np.all(np.asarray(vals.delta) == 0)
+
+
+def test_value_errors(tiny_with_tokenizer):
+    cfg, params, tok = tiny_with_tokenizer
+    with pytest.raises(ValueError, match="unknown layer 7"):
+        compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 7, ValueHparams())
+    with pytest.raises(ValueError, match="only the last layer"):
+        compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, ValueHparams(v_loss_layer=1))
+    with pytest.raises(ValueError, match="site must be"):
+        compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, ValueHparams(), site="attn")
+
+
+def test_pack_suffixes_places_every_suffix_token_once():
+    lengths, lookup = [9, 6, 12, 5, 7, 4], [6, 2, 10, 4, 2, 1]  # suffixes 3, 4, 2, 1, 5, 3
+    lanes, first = pack_suffixes(lengths, lookup, min_width=8)
+    row, slot, end = (np.asarray(x) for x in (lanes.row, lanes.slot, lanes.end))
+    assert row.shape[1] == 8 and row.shape[0] == 4  # 18 tokens: 3 lanes (first fit), rounded up to 4
+    real = end > 0
+    placed = sorted(zip(row[real].tolist(), slot[real].tolist()))
+    assert placed == sorted((r, s) for r in range(6) for s in range(lookup[r], lengths[r]))
+    inject = np.asarray(lanes.inject).ravel()
+    np.testing.assert_array_equal(np.flatnonzero(inject), np.sort(first))
+    for r, f in enumerate(first):  # a row's tokens are contiguous, in order, and end where its end says
+        lane, i = divmod(int(f), 8)
+        n = lengths[r] - lookup[r]
+        np.testing.assert_array_equal(slot[lane, i:i + n], np.arange(lookup[r], lengths[r]))
+        assert set(end[lane, i:i + n].tolist()) == {i + n}
+        # its cached prefix: slots 0..lookup-1 of the row, seen from lane slots [i, i + n)
+        mine = (np.asarray(lanes.cache_row)[lane] == r) & (np.asarray(lanes.cache_end)[lane] > 0)
+        np.testing.assert_array_equal(np.asarray(lanes.cache_slot)[lane][mine], np.arange(lookup[r]))
+        assert set(np.asarray(lanes.cache_start)[lane][mine].tolist()) == {i}
