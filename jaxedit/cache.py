@@ -8,24 +8,74 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
-def model_fingerprint(params, cfg) -> str:
-    """A hash of cfg and of a grid of values of every parameter tensor (all stacked layers).
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive indices over all 32 bits
 
-    Low-rank edits change every entry of a matrix, so an edited model (or another checkpoint) gets
-    another fingerprint. Only ~256 values per layer and tensor leave the device.
+
+def _fmix32(h):
+    """MurmurHash3's finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _as_uint32_words(leaf):
+    """The bits of leaf as a flat uint32 array: 1- and 2-byte elements widened, 8-byte ones as two words."""
+    if leaf.dtype == jnp.bool_:
+        return leaf.astype(jnp.uint32).reshape(-1)
+    width = leaf.dtype.itemsize
+    if width not in (1, 2, 4, 8):
+        raise TypeError(f"model_fingerprint: cannot checksum a parameter of dtype {leaf.dtype}")
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[width]
+    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksums(params):
+    """Two uint32 checksums per leaf of the bits of all its elements (sums wrap modulo 2^32).
+
+    first = sum of word[i] * (2i + 1): an odd multiplier is invertible modulo 2^32, so changing any one
+    element changes it. second = sum of fmix32(word[i] ^ i * golden): a bijection of the word for each
+    i (so it too sees every single change) but not linear, so changes of two or more elements that
+    cancel in the first sum cancel in the second only by chance (about 2^-32).
+    Modular sums do not depend on the order of reduction, so the result is the same on every backend.
+    """
+    def leaf_checksums(leaf):
+        words = _as_uint32_words(leaf)
+        index = jax.lax.iota(jnp.uint32, words.size)
+        first = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+        second = jnp.sum(_fmix32(words ^ (index * jnp.uint32(_GOLDEN))), dtype=jnp.uint32)
+        return jnp.stack([first, second])
+
+    return jax.tree_util.tree_map(leaf_checksums, params)
+
+
+def model_fingerprint(params, cfg) -> str:
+    """A hash of cfg and of every bit of every parameter: 20 hex characters.
+
+    Any change of any element changes the fingerprint, also one that leaves the number equal (0.0 to
+    -0.0) or moves it by one ulp, so one model's cached C0, templates or values are never served to
+    another. Each leaf is reduced on its device to two uint32 checksums of its elements' bits (see
+    _checksums); only those, with each leaf's path, shape and dtype and repr(cfg), are hashed with
+    sha256 on the host.
+
+    Cost: one read of the weights. On a GPU that is memory-bandwidth bound: Llama-3-8B in bfloat16
+    (16 GB) at ~3 TB/s is about 5 ms. XLA's CPU backend reduces integers at about 1 GB/s: 0.56 s for
+    SmolLM2-135M (540 MB float32) on 2 cores, so about 15-30 s for Llama-3-8B on such a CPU.
+    A leaf of 2^32 words or more still has every single change seen (odd multipliers), though its
+    indices wrap.
     """
     digest = hashlib.sha256(repr(cfg).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        shape = tuple(leaf.shape)
-        stacked = "layers" in jax.tree_util.keystr(path) and len(shape) >= 2
-        index = tuple(slice(None) if (stacked and axis == 0) else slice(None, None, max(1, n // 16))
-                      for axis, n in enumerate(shape))
-        sample = np.asarray(jax.device_get(leaf[index]), np.float32)
-        digest.update(f"{jax.tree_util.keystr(path)}{shape}{leaf.dtype}".encode())
-        digest.update(np.ascontiguousarray(sample).tobytes())
+    sums = jax.device_get(_checksums(params))
+    for (path, leaf), (_, pair) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                       jax.tree_util.tree_flatten_with_path(sums)[0]):
+        digest.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}{leaf.dtype}".encode())
+        digest.update(np.asarray(pair, np.uint32).tobytes())
     return digest.hexdigest()[:20]
 
 
