@@ -66,7 +66,8 @@ def model_fingerprint(params, cfg) -> str:
 
     Cost: one read of the weights. On a GPU that is memory-bandwidth bound: Llama-3-8B in bfloat16
     (16 GB) at ~3 TB/s is about 5 ms. XLA's CPU backend reduces integers at about 1 GB/s: 0.56 s for
-    SmolLM2-135M (540 MB float32) on 2 cores, so about 15-30 s for Llama-3-8B on such a CPU.
+    SmolLM2-135M (540 MB float32, 135M elements) on 2 cores, so about 30-45 s for Llama-3-8B
+    (8B elements) on such a CPU.
     A leaf of 2^32 words or more still has every single change seen (odd multipliers), though its
     indices wrap.
     """
