@@ -130,7 +130,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from edit_speed import jaxedit_value_flops, value_batch_shape
+    from benchmarks.edit_speed import jaxedit_value_flops, value_batch_shape
     from jaxedit.editing import editor, templates as jtemplates, values as jvalues
     from jaxedit import hparams
     from llama3_flax import config, model
@@ -159,7 +159,7 @@ def main(argv=None):
     requests = synthetic_requests(n, args.seed)
 
     # context templates (generation; the first call compiles)
-    spec = hparams.MEMIT_TEMPLATES
+    spec = hparams.reference_templates("memit")
     t0 = time.perf_counter()
     jtemplates.generate_context_templates(params, cfg, tok, spec)
     first = time.perf_counter() - t0

@@ -3,6 +3,7 @@ residuals and the shared preservation-memorisation solve. Pure: params in, new p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Mapping, Sequence, Union
 
@@ -10,12 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.editing import pm
+from jaxedit.cache import model_fingerprint
+from jaxedit.editing import pm, preflight
 from jaxedit.hparams import EditHparams
 from jaxedit.editing.keys import keys_at_layers, outputs_at_subject
 from jaxedit.requests import EditRequest, validate_batch
 from jaxedit.editing.templates import flat
-from jaxedit.editing.values import Values, compute_values
+from jaxedit.editing.values import Values, ValuesFor, compute_values, request_digest
+
+logger = logging.getLogger(__name__)
 
 Covariances = Mapping[int, Union[jax.Array, np.ndarray, pm.Preservation]]
 
@@ -33,13 +37,17 @@ class EditReport:
     keys: tuple[jax.Array, ...]  # (F, n) keys written at each edited layer
     delta_norms: tuple[float, ...]
     seconds: dict
+    repairs: tuple[str, ...] = ()   # what was regularised to make the edit possible (also logged)
+    warnings: tuple[str, ...] = ()  # e.g. an update out of proportion to its layer (also logged)
 
     def summary(self) -> str:
         v = self.values
         return (f"{self.method} layers={self.layers} n={len(self.case_ids)} "
                 f"loss={float(jnp.mean(v.loss)):.3f} nll={float(jnp.mean(v.nll)):.3f} "
                 f"steps={float(jnp.mean(v.steps)):.1f} |dW|={', '.join(f'{x:.3g}' for x in self.delta_norms)} "
-                + " ".join(f"{k}={s:.2f}s" for k, s in self.seconds.items()))
+                + " ".join(f"{k}={s:.2f}s" for k, s in self.seconds.items())
+                + "".join(f"\n  repaired: {r}" for r in self.repairs)
+                + "".join(f"\n  WARNING: {w}" for w in self.warnings))
 
 
 def add_to_down_proj(params, layer: int, delta: jax.Array):
@@ -75,15 +83,22 @@ def layer_update(hparams: EditHparams, C, K: jax.Array, R: jax.Array) -> tuple[j
 def edit_values(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditHparams, *, templates,
                 chunk_size: int = 64) -> Values:
     """The target values an edit with these hparams would use (at the last edited layer; ROME: MLP
-    output site, MEMIT/EMMET: residual site)."""
+    output site, MEMIT/EMMET: residual site). They carry what they were made for (Values.made_for)."""
     requests = validate_batch(requests)
     hparams.check_layers(cfg.num_hidden_layers)
+    templates = preflight.check_template_groups(templates)
     return compute_values(params, cfg, tokenizer, requests, flat(templates), hparams.layers[-1], hparams.value,
                           hparams.spec.site, chunk_size=chunk_size)
 
 
+def _values_for(params, cfg, requests, hparams: EditHparams) -> ValuesFor:
+    return ValuesFor(model=model_fingerprint(params, cfg), layer=hparams.layers[-1], site=hparams.spec.site,
+                     requests=tuple(request_digest(r) for r in requests))
+
+
 def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditHparams, *,
-         covariances: Covariances, templates, values: Values | None = None, value_chunk_size: int = 64):
+         covariances: Covariances, templates, values: Values | None = None, value_chunk_size: int = 64,
+         allow_jitter: bool = False):
     """Applies hparams.method to a batch of requests. Returns (new params, EditReport).
 
     Args:
@@ -92,14 +107,22 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
       covariances: {layer: C0 (F, F) or pm.factor_preservation(C0)} for every edited layer.
       templates: context template groups from jaxedit.editing.templates.context_templates (ROME averages keys
         over all its templates; MEMIT/EMMET within each group, then across groups).
+      values: target values from edit_values for exactly these requests, layer, site and model
+        (refused otherwise); None computes them.
+      allow_jitter: accept a semi-definite C0 with a diagonal jitter (reported in EditReport.repairs).
+    Raises:
+      ValueError before any expensive work: bad requests, layers, templates, C0 or values.
     """
+    # Cheap checks first: everything that can be wrong is found before the value optimisation.
     requests = validate_batch(requests)
     hparams.check_layers(cfg.num_hidden_layers)
     method = hparams.spec
     method.check_requests(len(requests))
-    missing = [l for l in hparams.layers if l not in covariances]
-    if missing:
-        raise ValueError(f"no preservation covariance for layer(s) {missing}; have {sorted(covariances)}")
+    templates = preflight.check_template_groups(templates)
+    factors, repairs = preflight.preservation_factors(covariances, hparams.layers, cfg.intermediate_size,
+                                                      allow_jitter=allow_jitter)
+    if values is not None:
+        _check_values(values, _values_for(params, cfg, requests, hparams), cfg)
     groups = tuple(templates) if method.grouped_templates else (flat(templates),)
     z_layer = hparams.layers[-1]
     seconds = {"keys": 0.0, "values": 0.0, "solve": 0.0}
@@ -108,12 +131,10 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
     if values is None:
         values = edit_values(params, cfg, tokenizer, requests, hparams, templates=templates,
                              chunk_size=value_chunk_size)
-    elif values.target.shape[0] != len(requests):
-        raise ValueError(f"values are given for {values.target.shape[0]} requests, but there are {len(requests)}")
     values = jax.block_until_ready(values)
     seconds["values"] = time.perf_counter() - t0
 
-    new, solves, norms, written = params, [], [], []
+    new, solves, norms, written, warnings = params, [], [], [], []
     for i, layer in enumerate(hparams.layers):
         t0 = time.perf_counter()
         K = keys_at_layers(new, cfg, tokenizer, requests, groups, [layer])[0].T  # (F, n)
@@ -123,7 +144,7 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
         K, R = jax.block_until_ready((K, R))
         seconds["keys"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        dW, report = layer_update(hparams, covariances[layer], K, R)
+        dW, report = layer_update(hparams, factors[layer], K, R)
         if not bool(report.ok):
             raise FloatingPointError(f"{method.title} solve failed at layer {layer} (preservation matrix not "
                                      f"factorable, cond ~ {float(report.preservation_cond):.3g})")
@@ -133,9 +154,35 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
         solves.append(report)
         written.append(K)
         norms.append(float(jnp.linalg.norm(dW)))
+        if bool(report.regularised):
+            repairs.append(f"layer {layer}: the {len(requests)}x{len(requests)} system was ill-conditioned "
+                           f"(cond {float(report.cond):.3g}); added ridge {float(report.ridge_added):.3g} "
+                           "(duplicated or dependent keys?)")
+            logger.warning("%s", repairs[-1])
+        warning = preflight.check_update_norm(layer, norms[-1], float(jnp.linalg.norm(down_proj(params, layer))))
+        if warning:
+            warnings.append(warning)
     report = EditReport(method=method.name, layers=hparams.layers, case_ids=tuple(r.case_id for r in requests),
-                        values=values, solves=tuple(solves), keys=tuple(written), delta_norms=tuple(norms), seconds=seconds)
+                        values=values, solves=tuple(solves), keys=tuple(written), delta_norms=tuple(norms),
+                        seconds=seconds, repairs=tuple(repairs), warnings=tuple(warnings))
     return new, report
+
+
+def _check_values(values: Values, expected: ValuesFor, cfg) -> None:
+    """Refuses values made for another edit (other layer, site, requests or model) or of the wrong shape."""
+    n, width = len(expected.requests), cfg.hidden_size
+    if values.target.ndim != 2 or values.target.shape[0] != n:
+        raise ValueError(f"values are given for {values.target.shape[0] if values.target.ndim else 0} requests, "
+                         f"but there are {n}")
+    if values.target.shape[1] != width:
+        raise ValueError(f"values have width {values.target.shape[1]}; the model's width is {width} "
+                         "(values of another model?)")
+    if values.made_for is None:
+        raise ValueError("values carry no identity (Values.made_for is None): compute them with "
+                         "jaxedit.edit_values, or select from such values with Values.select")
+    wrong = values.made_for.mismatch(expected)
+    if wrong:
+        raise ValueError("values were computed for another edit: " + "; ".join(wrong))
 
 
 def _named_editor(name: str):

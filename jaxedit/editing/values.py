@@ -2,7 +2,10 @@
 token to the edited layer's output, makes the model say target_new (one jitted Adam loop)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 from typing import Sequence
 
 import flax.struct
@@ -15,6 +18,7 @@ from llama3_flax.model import (Capture, embed, empty_kv_cache, final_hidden, rop
                                run_layers_cached, run_layers_over_prefix, unembedding)
 from llama3_flax import math as lm
 
+from jaxedit.cache import model_fingerprint
 from jaxedit.hparams import ValueHparams
 from jaxedit.editing.keys import fill, pad_rows, subject_last_index
 from jaxedit.requests import EditRequest
@@ -149,10 +153,52 @@ def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Seq
                       kl_tok=jnp.asarray(first_tok[kl_start:kl_start + n]))
 
 
+def request_digest(request: EditRequest) -> str:
+    """What a request's value depends on (prompt, subject, target_new), as a short hash."""
+    text = json.dumps([request.prompt, request.subject, request.target_new])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class ValuesFor:
+    """What a set of values was computed for; the editor refuses values made for anything else.
+
+    model: jaxedit.cache.model_fingerprint of the params they were optimised on.
+    layer, site: the layer whose output they replace, and where ("mlp" or "resid").
+    requests: request_digest of each request, in order.
+    """
+
+    model: str
+    layer: int
+    site: str
+    requests: tuple[str, ...]
+
+    def mismatch(self, other: "ValuesFor") -> list[str]:
+        """What differs from `other`, in words (empty when they agree)."""
+        out = []
+        if self.layer != other.layer:
+            out.append(f"layer {self.layer} instead of {other.layer}")
+        if self.site != other.site:
+            out.append(f"site {self.site!r} instead of {other.site!r}")
+        if len(self.requests) != len(other.requests):
+            out.append(f"{len(self.requests)} requests instead of {len(other.requests)}")
+        else:
+            wrong = [i for i, (a, b) in enumerate(zip(self.requests, other.requests)) if a != b]
+            if wrong:
+                out.append(f"other requests at position(s) {wrong[:8]}" + (" ..." if len(wrong) > 8 else ""))
+        if self.model != other.model:
+            out.append(f"another model (fingerprint {self.model} instead of {other.model})")
+        return out
+
+
 @flax.struct.dataclass
 class Values:
     """Per request (n, ·): target = init + delta, where init is the edited layer's output at the
-    subject's last token of the bare prompt (ROME: MLP output; MEMIT/EMMET: residual output)."""
+    subject's last token of the bare prompt (ROME: MLP output; MEMIT/EMMET: residual output).
+
+    made_for: what they were computed for (ValuesFor; static, not a pytree leaf), set by
+    compute_values; editor.edit checks it against the edit it is asked to make.
+    """
 
     target: jax.Array
     init: jax.Array
@@ -160,6 +206,16 @@ class Values:
     loss: jax.Array
     nll: jax.Array
     steps: jax.Array
+    made_for: ValuesFor | None = flax.struct.field(pytree_node=False, default=None)
+
+    def select(self, indices) -> "Values":
+        """The values of some requests (an index, a slice or a sequence of indices), identity kept."""
+        idx = np.arange(self.target.shape[0])[indices]
+        idx = np.atleast_1d(idx)
+        made_for = None if self.made_for is None else dataclasses.replace(
+            self.made_for, requests=tuple(self.made_for.requests[i] for i in idx))
+        arrays = {f: getattr(self, f)[jnp.asarray(idx)] for f in ("target", "init", "delta", "loss", "nll", "steps")}
+        return Values(**arrays, made_for=made_for)
 
 
 def _safe_norm(x):
@@ -275,8 +331,11 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
         raise ValueError(f"v_loss_layer={hp.v_loss_layer}: only the last layer is supported")
     if not 0 <= layer < cfg.num_hidden_layers:
         raise ValueError(f"unknown layer {layer}: the model has layers 0..{cfg.num_hidden_layers - 1}")
+    made_for = ValuesFor(model=model_fingerprint(params, cfg), layer=int(layer), site=site,
+                         requests=tuple(request_digest(r) for r in requests))
     parts = []
     for start in range(0, len(requests), chunk_size):
         batch = build_value_batch(tokenizer, requests[start:start + chunk_size], templates)
         parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site))
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    return values.replace(made_for=made_for)

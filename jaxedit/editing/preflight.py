@@ -1,0 +1,113 @@
+"""Cheap checks that run before the value optimisation, so that a bad C0, bad templates or values made
+for another edit cost seconds, not the minutes of the value loop on a large model.
+
+What is refused raises ValueError naming the problem. What is repaired (a preservation matrix that is
+only semi-definite, made factorable by a small diagonal jitter, when the caller allows it) is
+returned as a sentence for EditReport.repairs and logged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.editing import pm
+
+logger = logging.getLogger(__name__)
+
+# The jitter tried on a semi-definite C0, relative to its mean diagonal: enough for the rounding of a
+# float32 C0 built from fewer tokens than its size (eigenvalues down to about -1e-5 of the mean).
+MAX_RELATIVE_JITTER = 1e-3
+
+
+def check_template_groups(groups) -> tuple[tuple[str, ...], ...]:
+    """Context template groups as editors take them: (("{}",), (t1, ...), ...).
+
+    The first group must be the bare "{}": the initial value and the residual are read at the bare
+    prompt, which is the first template's row. Every template holds exactly one "{}".
+    """
+    if isinstance(groups, str) or not isinstance(groups, Sequence) or len(groups) == 0:
+        raise ValueError(f"context templates must be a non-empty sequence of template groups, got {groups!r}")
+    out = []
+    for g, group in enumerate(groups):
+        if isinstance(group, str) or not isinstance(group, Sequence) or len(group) == 0:
+            raise ValueError(f"context template group {g} must be a non-empty sequence of templates, got {group!r}")
+        for t in group:
+            if not isinstance(t, str) or t.count("{}") != 1:
+                raise ValueError(f"context template {t!r} (group {g}) must be a string with exactly one '{{}}' "
+                                 "where the prompt goes")
+        out.append(tuple(group))
+    if out[0] != ("{}",):
+        raise ValueError(f"the first context template group must be the bare ('{{}}',), got {out[0]!r}: the "
+                         "initial value and the residual are read at the bare prompt")
+    return tuple(out)
+
+
+def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int, *,
+                         allow_jitter: bool = False) -> tuple[dict[int, pm.Preservation], list[str]]:
+    """Checks and factors the preservation matrix of every edited layer.
+
+    Args:
+      covariances: {layer: C0 (F, F) or pm.factor_preservation(C0)}.
+      layers: the edited layers.
+      size: F, the model's MLP width.
+      allow_jitter: accept a C0 that is only semi-definite (e.g. from fewer corpus tokens than F)
+        after adding the smallest diagonal jitter that makes it factorable; it is reported.
+    Returns:
+      ({layer: Preservation}, repairs: sentences saying what was regularised).
+    Raises:
+      ValueError: a layer without C0, a wrong shape, NaN/inf, an all-zero C0, or a C0 that is not
+        positive definite (unless allow_jitter) or cannot be factored at all.
+    """
+    missing = [l for l in layers if l not in covariances]
+    if missing:
+        raise ValueError(f"no preservation covariance for layer(s) {missing}; have {sorted(covariances)}")
+    factors, repairs = {}, []
+    for layer in layers:
+        c = covariances[layer]
+        if not isinstance(c, pm.Preservation):
+            shape = tuple(np.shape(c))
+            if shape != (size, size):
+                raise ValueError(f"the preservation covariance of layer {layer} has shape {shape}; the model's "
+                                 f"MLP width needs ({size}, {size})")
+            c = jnp.asarray(c)
+            if not bool(jnp.all(jnp.isfinite(c))):
+                raise ValueError(f"the preservation covariance of layer {layer} contains NaN or inf")
+            if not bool(jnp.any(c != 0)):
+                raise ValueError(f"the preservation covariance of layer {layer} is all zeros (a covariance of no "
+                                 "tokens?)")
+            c = pm.factor_preservation(c, max_relative_jitter=MAX_RELATIVE_JITTER if allow_jitter else 0.0)
+        elif c.size != size:
+            raise ValueError(f"the preservation factor of layer {layer} is for F = {c.size}; the model has F = {size}")
+        if not bool(c.factored):
+            raise ValueError(
+                f"the preservation covariance of layer {layer} ({size} x {size}) is not positive definite"
+                + (" and stays singular with diagonal jitter" if allow_jitter else
+                   "; it was probably computed from fewer corpus tokens than its size "
+                   "(use more covariance samples, or pass allow_jitter=True to regularise it, reported)"))
+        if not bool(c.positive_definite):
+            if not allow_jitter:
+                raise ValueError(f"the preservation factor of layer {layer} needed diagonal jitter "
+                                 f"{float(c.jitter):.3g}; pass allow_jitter=True to accept it")
+            repairs.append(f"layer {layer}: C0 is not positive definite (too few corpus tokens for F = {size}?); "
+                           f"added {float(c.jitter):.3g} to its diagonal")
+            logger.warning("preservation covariance: %s", repairs[-1])
+        factors[layer] = c
+    return factors, repairs
+
+
+def check_update_norm(layer: int, delta_norm: float, weight_norm: float) -> str | None:
+    """The warning for an update out of proportion to its layer: ||dW||_F > ||W||_F.
+
+    A usual edit changes a down-projection by well under 1% of its norm (MEMIT on 1024 facts by a
+    few percent); an update as large as the layer itself (conflicting requests under equality
+    constraints, a degenerate C0) overwrites what the layer stored.
+    """
+    if delta_norm > weight_norm:
+        warning = (f"layer {layer}: the update's norm {delta_norm:.4g} exceeds the layer's own {weight_norm:.4g}: "
+                   "the edit overwrites the layer (conflicting requests, or a degenerate C0?)")
+        logger.warning("%s", warning)
+        return warning
+    return None
