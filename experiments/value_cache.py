@@ -5,10 +5,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -24,71 +22,86 @@ def _code_mtime() -> float:
     return max(Path(m.__file__).stat().st_mtime for m in (values, keys))
 
 
-def _value_key(fingerprint: str, hp, groups) -> str:
-    site = hp.spec.site
-    desc = json.dumps({"model": fingerprint, "layer": hp.layers[-1], "site": site,
+def _folder_key(model: str, tokenizer: str, hp, groups) -> str:
+    """What every value in one folder shares: model, tokenizer, layer, site, value hparams, templates."""
+    desc = json.dumps({"model": model, "tokenizer": tokenizer, "layer": hp.layers[-1], "site": hp.spec.site,
                        "value": dataclasses.asdict(hp.value), "templates": [list(g) for g in groups]},
                       sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
+def request_file_name(request) -> str:
+    """The file of a request's value: a sha256 of the request fields the value depends on (prompt,
+    subject, target_new), never its case_id, so another request under the same id is not served this
+    value, and ids that differ only in characters unfit for file names do not share a file."""
+    content = json.dumps([request.prompt, request.subject, request.target_new])
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:32] + ".npz"
+
+
 class ValueCache:
-    """Target values of single requests on one (unedited) model, on disk per (model fingerprint,
-    layer, site, value hparams, templates) and case id. A value depends only on its own request (the
-    batched optimisation is independent per request), so values computed in any batch can be reused
-    by any later edit of the same case on the same model: the layer sweep, the batch sweep and the
-    first batch of a sequential run share them."""
+    """Target values of single requests on one (unedited) model, on disk in one folder per (model
+    fingerprint, tokenizer fingerprint, layer, site, value hparams, templates) and one file per request
+    content (request_file_name). A value depends only on its own request (the batched optimisation is
+    independent per request), so values computed in any batch can be reused by any later edit of the
+    same request on the same model: the layer sweep, the batch sweep and the first batch of a
+    sequential run share them."""
 
     def __init__(self, params, cfg, tok, cache_dir: str | os.PathLike | None, enabled: bool = True):
-        from jaxedit.cache import model_fingerprint
+        from jaxedit.cache import model_fingerprint, tokenizer_fingerprint
 
         self.params, self.cfg, self.tok = params, cfg, tok
         self.dir = Path(cache_dir) / "values" if (cache_dir is not None and enabled) else None
         self.fingerprint = model_fingerprint(params, cfg) if self.dir is not None else None
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tok) if self.dir is not None else None
 
     def get(self, requests, hp, groups, chunk_size: int = 64):
         """Values (batch of len(requests)) for requests on the cache's model, computing missing ones in
         one batched call."""
         import jax
         import jax.numpy as jnp
-        from jaxedit.editing.editor import edit_values
-        from jaxedit.editing.values import Values
+        from jaxedit.editing import editor
+        from jaxedit.editing.values import Values, ValuesFor, request_digest
 
         requests = tuple(requests)
         if self.dir is None:
-            return edit_values(self.params, self.cfg, self.tok, requests, hp, templates=groups,
-                               chunk_size=chunk_size)
-        folder = self.dir / _value_key(self.fingerprint, hp, groups)
-        have: dict[Any, dict] = {}
+            return editor.edit_values(self.params, self.cfg, self.tok, requests, hp, templates=groups,
+                                      chunk_size=chunk_size)
+        folder = self.dir / _folder_key(self.fingerprint, self.tokenizer_fingerprint, hp, groups)
+        have: dict[str, dict] = {}  # by file name
         fresh_after = _code_mtime()
         for r in requests:
-            p = folder / f"{_safe(r.case_id)}.npz"
-            if p.is_file() and p.stat().st_mtime >= fresh_after:
+            name = request_file_name(r)
+            p = folder / name
+            if name not in have and p.is_file() and p.stat().st_mtime >= fresh_after:
                 try:
                     with np.load(p) as z:
-                        have[r.case_id] = {f: np.array(z[f]) for f in _VALUE_FIELDS}
+                        have[name] = {f: np.array(z[f]) for f in _VALUE_FIELDS}
                 except Exception:  # a torn file: recompute
                     pass
-        missing = [r for r in requests if r.case_id not in have]
+        missing, missing_names = [], set()
+        for r in requests:  # each content once, however many case ids ask for it
+            name = request_file_name(r)
+            if name not in have and name not in missing_names:
+                missing.append(r)
+                missing_names.add(name)
         if missing:
-            vals = jax.device_get(edit_values(self.params, self.cfg, self.tok, missing, hp, templates=groups,
-                                              chunk_size=chunk_size))
+            vals = jax.device_get(editor.edit_values(self.params, self.cfg, self.tok, missing, hp,
+                                                     templates=groups, chunk_size=chunk_size))
             folder.mkdir(parents=True, exist_ok=True)
             for i, r in enumerate(missing):
+                name = request_file_name(r)
                 row = {f: np.asarray(getattr(vals, f)[i]) for f in _VALUE_FIELDS}
-                have[r.case_id] = row
-                tmp = folder / f".{_safe(r.case_id)}.{uuid.uuid4().hex[:6]}.npz"
+                have[name] = row
+                tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}.npz"
                 np.savez(tmp, **row)
-                os.replace(tmp, folder / f"{_safe(r.case_id)}.npz")
-        return Values(**{f: jnp.asarray(np.stack([have[r.case_id][f] for r in requests])) for f in _VALUE_FIELDS})
-
-
-def _safe(x) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(x))
+                os.replace(tmp, folder / name)
+        rows = [have[request_file_name(r)] for r in requests]
+        made_for = ValuesFor(model=self.fingerprint, layer=int(hp.layers[-1]), site=hp.spec.site,
+                             requests=tuple(request_digest(r) for r in requests))
+        return Values(**{f: jnp.asarray(np.stack([row[f] for row in rows])) for f in _VALUE_FIELDS},
+                      made_for=made_for)
 
 
 def slice_values(values, i: int, j: int | None = None):
-    import jax
-
-    j = i + 1 if j is None else j
-    return jax.tree_util.tree_map(lambda x: x[i:j], values)
+    """The values of requests i..j-1 (default: request i alone), with what they were made for."""
+    return values.select(slice(i, i + 1 if j is None else j))
