@@ -33,8 +33,7 @@ FLAGS = flags.FLAGS
 
 
 def cell_key(method: str, layer: int, batch_size: int) -> dict:
-    return {"sweep": "batch", "model": FLAGS.model, "counterfact": FLAGS.counterfact, "seed": FLAGS.seed,
-            "method": method, "layer": int(layer), "batch_size": int(batch_size)}
+    return program.cell_key("batch", method=method, layer=int(layer), batch_size=int(batch_size))
 
 
 def main(argv):

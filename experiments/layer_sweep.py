@@ -35,8 +35,7 @@ FLAGS = flags.FLAGS
 
 
 def cell_key(method: str, layer: int, n: int) -> dict:
-    return {"sweep": "layer", "model": FLAGS.model, "counterfact": FLAGS.counterfact, "seed": FLAGS.seed,
-            "method": method, "layer": int(layer), "n": int(n)}
+    return program.cell_key("layer", method=method, layer=int(layer), n=int(n))
 
 
 def run_cell(params, cfg, tok, cases, hp, cov, groups, stored_values) -> dict:

@@ -57,3 +57,9 @@ def parse_int_list(text: str | Sequence) -> list[int]:
     if isinstance(text, (list, tuple)):
         return [int(x) for x in text]
     return [int(x) for x in str(text).replace(",", " ").split()]
+
+
+def cell_key(sweep: str, **fields) -> dict:
+    """A results cell's key: the sweep, what defines the run (model, CounterFact source, case seed),
+    and the cell's own fields."""
+    return {"sweep": sweep, "model": FLAGS.model, "counterfact": FLAGS.counterfact, "seed": FLAGS.seed, **fields}

@@ -41,9 +41,8 @@ FLAGS = flags.FLAGS
 
 
 def cell_key(method: str, layer: int, batch_size: int) -> dict:
-    return {"sweep": "sequential", "model": FLAGS.model, "counterfact": FLAGS.counterfact, "seed": FLAGS.seed,
-            "method": method, "layer": int(layer), "batch_size": int(batch_size), "total": FLAGS.total,
-            "preserve_previous_edits": FLAGS.preserve_previous_edits}
+    return program.cell_key("sequential", method=method, layer=int(layer), batch_size=int(batch_size),
+                            total=FLAGS.total, preserve_previous_edits=FLAGS.preserve_previous_edits)
 
 
 def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: results_log.ResultsLog, key: dict,

@@ -83,14 +83,19 @@ def _plt():
     return plt
 
 
+def _finished_cells(records, sweep: str, order: str) -> list[dict]:
+    """The finished cells of one sweep, by model, method and `order` (a key field)."""
+    cells, _ = results_log.latest_complete(records)
+    cells = [c for c in cells.values() if c["key"].get("sweep") == sweep]
+    return sorted(cells, key=lambda c: (c["key"].get("model"), c["key"]["method"], c["key"][order]))
+
+
 # ================================================================================ layer sweep
 def layer_sweep(records, out_dir: Path) -> str:
-    cells, _ = results_log.latest_complete(records)
-    cells = [c for c in cells.values() if c["key"].get("sweep") == "layer"]
+    cells = _finished_cells(records, "layer", "layer")
     if not cells:
         return ""
     many = len(_models(cells)) > 1
-    cells.sort(key=lambda c: (c["key"].get("model"), c["key"]["method"], c["key"]["layer"]))
     rows = [[_label(c["key"], many), c["key"]["layer"], c["aggregate"]["n_cases"], *_metric_cells(c["aggregate"])]
             for c in cells]
     table = md_table(["method", "layer", "N", *[k.upper() for k in SHOWN]], rows)
@@ -123,12 +128,10 @@ def _nan(x):
 
 # ================================================================================ batch sweep
 def batch_sweep(records, out_dir: Path) -> str:
-    cells, _ = results_log.latest_complete(records)
-    cells = [c for c in cells.values() if c["key"].get("sweep") == "batch"]
+    cells = _finished_cells(records, "batch", "batch_size")
     if not cells:
         return ""
     many = len(_models(cells)) > 1
-    cells.sort(key=lambda c: (c["key"].get("model"), c["key"]["method"], c["key"]["batch_size"]))
     rows = [[_label(c["key"], many), c["key"]["layer"], c["key"]["batch_size"], *_metric_cells(c["aggregate"])]
             for c in cells]
     before = {}

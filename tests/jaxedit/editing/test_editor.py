@@ -2,7 +2,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,11 +21,9 @@ FAST = ValueHparams(v_num_grad_steps=4)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_with_tokenizer):
+def setup(tiny_with_tokenizer, tiny_covariance):
     cfg, params, tok = tiny_with_tokenizer
-    rng = np.random.RandomState(0)
-    a = rng.randn(cfg.intermediate_size, 4 * cfg.intermediate_size)
-    C0 = jnp.asarray(a @ a.T / a.shape[1] + 0.1 * np.eye(cfg.intermediate_size), jnp.float32)
+    C0 = tiny_covariance
     return cfg, params, tok, {0: C0, 1: C0, 2: C0}
 
 

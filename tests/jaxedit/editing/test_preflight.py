@@ -2,7 +2,6 @@
 is repaired is reported, and an update out of proportion to its layer is flagged."""
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,11 +23,9 @@ def hp(method="memit", layers=(1,), **kw):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_with_tokenizer):
+def setup(tiny_with_tokenizer, tiny_covariance):
     cfg, params, tok = tiny_with_tokenizer
-    rng = np.random.RandomState(0)
-    a = rng.randn(cfg.intermediate_size, 4 * cfg.intermediate_size)
-    C0 = jnp.asarray(a @ a.T / a.shape[1] + 0.1 * np.eye(cfg.intermediate_size), jnp.float32)
+    C0 = tiny_covariance
     values = editor.edit_values(params, cfg, tok, REQUESTS, hp(), templates=GROUPS)
     return cfg, params, tok, {0: C0, 1: C0, 2: C0}, values
 
