@@ -75,3 +75,46 @@ def test_word_hash_tokenizer():
     assert ids[0] == tok.bos_token_id and len(ids) == 6 and all(3 <= i < 64 for i in ids[1:])
     assert tok(" Paris", add_special_tokens=False)["input_ids"] == tok("Paris", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True).split() == "The capital of France is".split()
+
+
+def test_malformed_lines_are_moved_aside_on_resume(tmp_path, caplog):
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"type": "cell", "key": {"x": 1}}\nnot json\n[1, 2]\n{"type": "cell", "key": {"x": 2}}\n"a"\n'
+                  b'{"type": "cell", "key"')
+    with caplog.at_level("WARNING"):
+        log = results_log.ResultsLog(p)
+    assert [r["key"]["x"] for r in log.records] == [1, 2]
+    assert p.read_bytes() == b'{"type": "cell", "key": {"x": 1}}\n{"type": "cell", "key": {"x": 2}}\n'
+    rejected = p.with_name("r.jsonl.rejected")
+    assert rejected.read_bytes() == b'not json\n[1, 2]\n"a"\n'
+    for n in (2, 3, 5):
+        assert f"{p}:{n}:" in caplog.text
+    log.append({"type": "cell", "key": {"x": 3}})
+    again = results_log.ResultsLog(p)  # nothing left to move aside
+    assert [r["key"]["x"] for r in again.records] == [1, 2, 3]
+    assert rejected.read_bytes() == b'not json\n[1, 2]\n"a"\n'
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "r.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from experiments import results_log; "
+         f"results_log.ResultsLog({str(p)!r}); print('holding', flush=True); time.sleep(600)"],
+        cwd=results_log.Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        try:
+            results_log.ResultsLog(p)
+        except results_log.ResultsFileInUse as e:
+            message = str(e)
+        else:
+            raise AssertionError("a second writer was let in")
+        assert str(p) in message and f"pid {holder.pid}" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    results_log.ResultsLog(p).append({"type": "cell", "key": {"x": 1}})  # a killed holder lets go
+    assert [r["key"] for r in results_log.read_jsonl(p)] == [{"x": 1}]

@@ -53,3 +53,29 @@ def test_layer_sweep_killed_and_restarted_runs_each_cell_once(tmp_path):
     third = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, timeout=120)
     assert third.returncode == 0 and len(_cells(out)) == 4
     assert len(out.read_bytes().splitlines()) == 4
+
+
+def test_a_second_sweep_on_the_same_file_is_refused_and_each_cell_written_once(tmp_path):
+    out = tmp_path / "layer.jsonl"
+    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu"}
+    args = ["experiments.layer_sweep", "--model=tiny-random", "--layers=0,1,2", "--methods=memit", "--n=2",
+            f"--out={out}", f"--cache_dir={tmp_path / 'cache'}", "--v_steps=2"]
+    first = _start(args + ["--test_pause_after_cell=600"], env)  # holds the file until killed
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and first.poll() is None and not _cells(out):
+            time.sleep(0.2)
+        assert _cells(out), f"no record from the first run: {first.communicate()[0].decode()[-3000:] if first.poll() is not None else ''}"
+        second = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, timeout=180)
+        assert first.poll() is None, "the first run ended before the second one started"
+        message = second.stderr.decode()
+        assert second.returncode != 0, "a second sweep was let write to the same results file"
+        assert str(out) in message and f"pid {first.pid}" in message, message[-3000:]
+        assert len(_cells(out)) == 1
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock must go with the process
+        first.wait()
+    third = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, timeout=180)
+    assert third.returncode == 0, third.stderr.decode()[-3000:]
+    assert sorted(r["key"]["layer"] for r in _cells(out)) == [0, 1, 2]
