@@ -6,8 +6,8 @@ generation before and after an edit.
   * MEMIT and EMMET: all cases in one batch edit.
 
 All at the preset edit layer (SmolLM2: 3). The covariance C0 (200 WikiText-103 samples), the context
-templates and the target values are cached under ./cache (gitignored), so a second run is faster.
-CounterFact and the corpus are read from $JAXEDIT_DATA, else ../shared/data.
+templates and the target values are cached in $JAXEDIT_CACHE (default ~/.cache/jaxedit), so a second
+run is faster. CounterFact and the corpus are read from $JAXEDIT_DATA (make demo sets ../shared/data).
 
   python -m experiments.demo                 # or: make demo
   python -m experiments.demo --cases=0,1,4,5,6,7 --methods=memit,emmet
@@ -32,11 +32,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from jaxedit import compilation_cache
     from jaxedit.editing import editor, pm
     from jaxedit.eval import metrics
     from jaxedit.eval import tables
     from llama3_flax import generate
 
+    compilation_cache.enable()
     t_start = time.perf_counter()
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
     print(f"loading {FLAGS.model} ...", flush=True)

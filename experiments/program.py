@@ -2,12 +2,12 @@
 cache, and list-valued flag parsing."""
 from __future__ import annotations
 
-import logging
-import os
+import sys
 from typing import Sequence
 
 from absl import flags
 
+from jaxedit import compilation_cache
 from jaxedit.data import paths
 
 FLAGS = flags.FLAGS
@@ -30,27 +30,17 @@ def define_common_flags(default_out: str):
     flags.DEFINE_integer("cov_samples", None, "override the preset's covariance sample count")
     flags.DEFINE_integer("cov_max_length", None, "override the preset's covariance sample length")
     flags.DEFINE_integer("v_steps", None, "override the value optimisation's number of Adam steps")
-    flags.DEFINE_string("jit_cache", os.environ.get("JAXEDIT_JIT_CACHE", ""), "persistent XLA compilation "
-                        "cache folder (default $JAXEDIT_JIT_CACHE; empty: off)")
+    flags.DEFINE_string("jit_cache", None, "persistent XLA compilation cache folder, or 'off' (default "
+                        "$JAXEDIT_JIT_CACHE, else <cache dir>/jit; see jaxedit.compilation_cache)")
     flags.DEFINE_float("test_pause_after_cell", 0.0, "testing hook: sleep this long after each finished "
                        "cell (lets a test kill a tiny run mid-way)")
-    flags.DEFINE_boolean("value_cache", True, "keep target values on disk per (model, layer, case, "
-                         "hparams), so sweeps sharing the unedited model reuse them")
+    flags.DEFINE_boolean("value_cache", True, "keep target values on disk per (model, layer, hparams, "
+                         "templates) and request content, so sweeps sharing the unedited model reuse them")
 
 
 def init_jax(jit_cache: str | None = None):
-    """Turns on JAX's persistent compilation cache when a folder is given (restarts skip recompiling)."""
-    jit_cache = FLAGS.jit_cache if jit_cache is None else jit_cache
-    if not jit_cache:
-        return
-    import jax
-
-    try:
-        jax.config.update("jax_compilation_cache_dir", str(jit_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    except Exception as e:  # an older/newer JAX without these options: run without the cache
-        logging.warning("persistent compilation cache not enabled: %s", e)
+    """Turns on JAX's persistent compilation cache (restarts skip recompiling); --jit_cache=off disables it."""
+    compilation_cache.enable(FLAGS.jit_cache if jit_cache is None else jit_cache)
 
 
 def parse_int_list(text: str | Sequence) -> list[int]:
@@ -63,3 +53,19 @@ def cell_key(sweep: str, **fields) -> dict:
     """A results cell's key: the sweep, what defines the run (model, CounterFact source, case seed),
     and the cell's own fields."""
     return {"sweep": sweep, "model": FLAGS.model, "counterfact": FLAGS.counterfact, "seed": FLAGS.seed, **fields}
+
+
+def run(main) -> None:
+    """absl's app.run(main), with a results file held by another process reported in one line (exit 2)."""
+    from absl import app
+
+    from experiments.results_log import ResultsFileInUse
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except ResultsFileInUse as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded)

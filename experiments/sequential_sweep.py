@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
-from absl import app, flags
+from absl import flags
 from tqdm.auto import tqdm
 
 from experiments import program
@@ -98,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

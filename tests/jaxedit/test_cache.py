@@ -79,3 +79,19 @@ def test_bfloat16_params_and_the_config_count(tiny):
     assert model_fingerprint(jax.tree_util.tree_unflatten(treedef, [first, *leaves[1:]]), cfg) != fp
     other_cfg = dataclasses.replace(cfg, rms_norm_eps=cfg.rms_norm_eps / 10)
     assert model_fingerprint(params, other_cfg) != model_fingerprint(params, cfg)
+
+
+def test_remembered_fingerprints_never_go_stale():
+    """Fingerprints of jax.Array trees are remembered by leaf identity; numpy leaves, which can change
+    in place, are hashed every time."""
+    from jaxedit import testing
+
+    cfg, params, _ = testing.tiny_model(seed=5)
+    first = model_fingerprint(params, cfg)
+    assert model_fingerprint(params, cfg) == first
+    changed = {**params, "norm": params["norm"].at[0].add(1.0)}
+    assert model_fingerprint(changed, cfg) != first
+    mutable = jax.tree_util.tree_map(np.array, params)
+    assert model_fingerprint(mutable, cfg) == first
+    mutable["norm"][0] += 1.0  # in place
+    assert model_fingerprint(mutable, cfg) == model_fingerprint(changed, cfg) != first
