@@ -8,6 +8,7 @@ setup(
     # the two libraries are installed.
     packages=find_packages(include=["jaxedit", "jaxedit.*", "llama3_flax", "llama3_flax.*"]),
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["jaxedit=jaxedit.cli:main"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.12.6,<0.14",
@@ -21,6 +22,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        "huggingface_hub",
     ],
     extras_require={
         # torch==2.13.0 is the CPU build on local disk; other specs pull gigabytes of CUDA wheels.
