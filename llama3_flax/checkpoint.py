@@ -1,7 +1,8 @@
 """Checkpoints: Hugging Face folders (config.json + safetensors) and GGUF files <-> params.
 
-Loading checks every tensor against the shapes the config implies and fails with a message naming
-the missing, unexpected or mis-shaped tensor. No torch is needed for any of it.
+Loading checks every tensor against the shapes the config implies and for NaN/Inf values, and fails
+with a message naming the missing, unexpected, mis-shaped or non-finite tensor; unreadable files
+(truncated, not JSON, no tokenizer) are named too. No torch is needed for any of it.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match its config: missing, unexpected or mis-shaped tensors."""
+    """A checkpoint that cannot be used: unreadable files, or tensors that are missing, unexpected,
+    mis-shaped or not finite."""
 
 
 def _hf_names(cfg: LlamaConfig) -> dict[str, tuple]:
@@ -67,6 +69,10 @@ def params_from_hf_state_dict(state: Mapping[str, Any], cfg: LlamaConfig) -> Par
         arr = np.asarray(state[name])
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(arr.shape)}, the config implies {tuple(shape)}")
+        # a NaN/Inf weight would only show up later as NaN logits and 0 % on every metric
+        bad = arr.size - np.count_nonzero(np.isfinite(arr))
+        if bad:
+            raise CheckpointError(f"tensor {name} has {bad} non-finite (NaN/Inf) values out of {arr.size}")
         if layer is None:
             params[path[0]] = arr
         else:
@@ -118,13 +124,30 @@ def _load_tensor(f, key):
         return np.asarray(f.get_slice(key)[:])
 
 
+def read_config(path: str | os.PathLike, dtype: str = "float32") -> LlamaConfig:
+    """LlamaConfig from a config.json file; CheckpointError naming the file (and line, column) if invalid."""
+    path = Path(path)
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not a text file: {e}") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not an object of config keys")
+    try:
+        return LlamaConfig.from_hf(hf, dtype=dtype)
+    except (ValueError, TypeError) as e:  # from_hf's own messages name the key; add the file
+        raise CheckpointError(f"{path}: {e}") from e
+
+
 def load_hf_folder(folder: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, Params]:
     """Loads a Hugging Face Llama folder (config.json + one or several safetensors files)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder} has no config.json")
-    cfg = LlamaConfig.from_hf(json.loads(cfg_path.read_text()), dtype=dtype)
+    cfg = read_config(cfg_path, dtype)
     return cfg, params_from_hf_state_dict(_read_safetensors(folder), cfg)
 
 
@@ -186,16 +209,49 @@ def _gguf_value(reader, key, default=None):
     return default if field is None else field.contents()
 
 
+def _gguf_reader(path: str | os.PathLike):
+    """gguf.GGUFReader of path, or CheckpointError naming the file if it is truncated or corrupt.
+
+    The reader maps the file and slices tensors out of it; a file cut short fails inside numpy
+    (a reshape of too few bytes) or yields short tensors, so both are turned into one clear error.
+    """
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001  (the reader raises ValueError, IndexError, ... on bad bytes)
+        raise CheckpointError(f"cannot read {path} ({size} bytes): truncated or corrupt GGUF file "
+                              f"({type(e).__name__}: {e})") from e
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {t.name} needs bytes up to {end}, "
+                                  f"the file has {size} bytes")
+    return reader
+
+
 def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, Params]:
     """Loads a llama-architecture GGUF file, dequantised to float32 (then cast to dtype)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = _gguf_reader(path)
     arch = _gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
     tensors = {t.name: t for t in reader.tensors}
-    get = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)
+    for name in ("token_embd.weight", "output_norm.weight"):
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing")
+    _missing = object()
+
+    def get(key, default=_missing):
+        value = _gguf_value(reader, f"llama.{key}", default)
+        if value is _missing:
+            raise CheckpointError(f"{path}: GGUF metadata key llama.{key} is missing")
+        return value
+
     n_heads = int(get("attention.head_count"))
     n_kv = int(get("attention.head_count_kv", n_heads))
     d_model = int(get("embedding_length"))
@@ -243,15 +299,53 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaCon
 
 # ------------------------------------------------------------------ dispatch
 def load_model(source: str | os.PathLike = "smollm2", dtype: str = "float32"):
-    """(cfg, params, tokenizer) from "smollm2" (the offline GGUF), a .gguf file, or an HF folder."""
+    """(cfg, params, tokenizer) from "smollm2" (the offline GGUF), a .gguf file, or an HF folder.
+
+    The tokenizer is checked against the config (check_tokenizer).
+    """
     path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if path.suffix == ".gguf":
         cfg, params = load_gguf(path, dtype)
     else:
+        _check_tokenizer_files(path)  # before the (slow) weights
         cfg, params = load_hf_folder(path, dtype)
-    return cfg, params, load_tokenizer(path)
+    tok = load_tokenizer(path)
+    check_tokenizer(tok, cfg)
+    return cfg, params, tok
+
+
+# Files from which transformers builds a tokenizer: any one of these sets.
+_TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """CheckpointError saying what is missing when an HF folder holds no tokenizer files.
+
+    transformers would otherwise fall back to a slow tokenizer and fail with an unrelated message
+    (e.g. about sentencepiece).
+    """
+    if folder.is_dir() and not any(all((folder / f).exists() for f in files) for files in _TOKENIZER_FILE_SETS):
+        raise CheckpointError(
+            f"{folder} has no tokenizer files: it needs tokenizer.json (with tokenizer_config.json), or "
+            f"tokenizer.model (with tokenizer_config.json), or vocab.json + merges.txt. Copy them from the "
+            f"original model's folder, or pass tokenizer= to save_hf_folder when writing the folder.")
+
+
+def check_tokenizer(tokenizer, cfg: LlamaConfig) -> None:
+    """Raises ValueError if the tokenizer has more tokens than the model's vocabulary.
+
+    Ids from cfg.vocab_size up have no embedding row; JAX clamps out-of-range indices instead of
+    failing, so text holding such tokens would be scored and edited as other tokens, without an error.
+    """
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+    if n is None:
+        raise TypeError(f"cannot tell the vocabulary size of tokenizer {type(tokenizer).__name__}: "
+                        f"it has neither __len__ nor vocab_size")
+    if int(n) > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {int(n)} tokens but the model's vocab_size is {cfg.vocab_size}: "
+                         f"ids from {cfg.vocab_size} up have no embedding; use the model's own tokenizer")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -262,6 +356,7 @@ def load_tokenizer(path: str | os.PathLike):
     if path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
+        _check_tokenizer_files(path)
         tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -48,7 +48,7 @@ class LlamaConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -202,13 +202,13 @@ def smollm2_135m(dtype: str = "float32") -> LlamaConfig:
 
 def tiny(num_attention_heads: int = 4, num_key_value_heads: int = 2, tie_word_embeddings: bool = False,
          rope_scaling: RopeScaling | None = None, num_hidden_layers: int = 2, dtype: str = "float32",
-         vocab_size: int = 128) -> LlamaConfig:
+         vocab_size: int = 128, max_position_embeddings: int = 256) -> LlamaConfig:
     """A tiny Llama-3-style config for logic tests (grouped-query attention by default)."""
     return LlamaConfig(vocab_size=vocab_size, hidden_size=16 * num_attention_heads, intermediate_size=96,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                        num_key_value_heads=num_key_value_heads, head_dim=16, rms_norm_eps=1e-5,
                        rope_theta=500000.0, rope_scaling=rope_scaling,
-                       tie_word_embeddings=tie_word_embeddings, max_position_embeddings=256,
+                       tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
 
 

@@ -243,3 +243,142 @@ def test_config_with_wrong_sizes_for_the_weights(tmp_path):
 def test_load_model_unknown_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model at"):
         checkpoint.load_model(tmp_path / "nothing_here")
+
+
+# ------------------------------------------------------------- non-finite weights, unreadable files
+def test_nan_weight_in_folder_is_named(tmp_path):
+    cfg, params = _tiny()
+    params = dict(params, layers=dict(params["layers"]))
+    params["layers"]["down_proj"] = params["layers"]["down_proj"].at[1, 0, :3].set(jnp.nan)
+    params["layers"]["down_proj"] = params["layers"]["down_proj"].at[1, 2, 0].set(jnp.inf)
+    checkpoint.save_hf_folder(tmp_path, params, cfg)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.down_proj\.weight has 4 non-finite"):
+        checkpoint.load_hf_folder(tmp_path)
+
+
+def _permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order (the inverse of checkpoint._unpermute_rope)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, cfg, params):
+    """A float32 llama GGUF file of params, written with the gguf package as llama.cpp lays it out."""
+    import gguf
+
+    state = checkpoint.hf_state_dict_from_params(params, cfg)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    names = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "attn_q",
+             "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
+             "self_attn.o_proj.weight": "attn_output", "post_attention_layernorm.weight": "ffn_norm",
+             "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", state["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, g in names.items():
+            a = state[f"model.layers.{i}.{hf}"]
+            if g == "attn_q":
+                a = _permute_rope(a, cfg.num_attention_heads)
+            elif g == "attn_k":
+                a = _permute_rope(a, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("cut", ["magic", "header", "metadata", "data", "last_bytes"])
+def test_truncated_gguf_names_the_file(tmp_path, cut):
+    cfg, params = _tiny()
+    path = _write_gguf(tmp_path / "tiny.gguf", cfg, params)
+    cfg2, params2 = checkpoint.load_gguf(path)  # whole, the file loads exactly
+    assert cfg2.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)  # GGUF stores it as float32
+    assert cfg2.replace(rms_norm_eps=cfg.rms_norm_eps) == cfg and _tree_equal(params2, params)
+    data = path.read_bytes()
+    n = {"magic": 3, "header": 20, "metadata": 200, "data": len(data) // 2, "last_bytes": len(data) - 5}[cut]
+    path.write_bytes(data[:n])
+    with pytest.raises(CheckpointError, match=r"tiny\.gguf.*truncated or corrupt"):
+        checkpoint.load_gguf(path)
+
+
+def test_inf_weight_in_gguf_is_named(tmp_path):
+    cfg, params = _tiny()
+    params = dict(params, embed_tokens=params["embed_tokens"].at[5, 1].set(-jnp.inf))
+    path = _write_gguf(tmp_path / "tiny.gguf", cfg, params)
+    with pytest.raises(CheckpointError, match=r"tensor model\.embed_tokens\.weight has 1 non-finite"):
+        checkpoint.load_gguf(path)
+
+
+def test_config_json_that_is_not_json_names_file_line_and_column(tmp_path):
+    cfg, params = _tiny()
+    checkpoint.save_hf_folder(tmp_path, params, cfg)
+    (tmp_path / "config.json").write_text('{\n "vocab_size": 128,\n "hidden_size" 64\n}')
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON: .* line 3, column 16"):
+        checkpoint.load_hf_folder(tmp_path)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"sliding_window": 4096}, r"unsupported config keys \['sliding_window'\]"),
+    ({"vocab_size": "many"}, "invalid literal"),
+])
+def test_config_json_that_from_hf_rejects_names_the_file(tmp_path, change, message):
+    cfg, params = _tiny()
+    checkpoint.save_hf_folder(tmp_path, params, cfg)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, **change}))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*" + message):
+        checkpoint.load_hf_folder(tmp_path)
+
+
+def test_config_json_holding_a_list_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json holds a JSON list"):
+        checkpoint.read_config(tmp_path / "config.json")
+
+
+def test_folder_without_tokenizer_files_says_which(tmp_path):
+    cfg, params = _tiny()
+    checkpoint.save_hf_folder(tmp_path, params, cfg)  # no tokenizer given: weights and config only
+    for load in (checkpoint.load_tokenizer, checkpoint.load_model):
+        with pytest.raises(CheckpointError, match=r"no tokenizer files: it needs tokenizer\.json .*tokenizer\.model"
+                                                  r".*tokenizer_config\.json.*save_hf_folder"):
+            load(tmp_path)
+
+
+def _word_level_tokenizer(n_words: int):
+    """A transformers fast tokenizer of n_words + 3 tokens, built in memory (no files, no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": 3 + i for i in range(n_words)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_load_model_rejects_a_tokenizer_bigger_than_the_vocabulary(tmp_path):
+    cfg, params = _tiny()  # vocab_size 128
+    checkpoint.save_hf_folder(tmp_path / "ok", params, cfg, tokenizer=_word_level_tokenizer(100))
+    cfg2, _, tok = checkpoint.load_model(tmp_path / "ok")
+    assert len(tok) == 103 and cfg2 == cfg
+    checkpoint.save_hf_folder(tmp_path / "big", params, cfg, tokenizer=_word_level_tokenizer(200))
+    with pytest.raises(ValueError, match="the tokenizer has 203 tokens but the model's vocab_size is 128"):
+        checkpoint.load_model(tmp_path / "big")

@@ -187,3 +187,11 @@ def test_preset_sizes():
     t = config.tiny()
     assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim) == (64, 4, 2, 16)
     assert model.num_params(model.init_params(t, np.zeros(2, np.uint32))) == _count(t)
+
+
+def test_max_position_embeddings_of_presets_and_tiny():
+    assert config.smollm2_135m().max_position_embeddings == 8192
+    assert config.tiny().max_position_embeddings == 256
+    assert config.tiny(max_position_embeddings=16).max_position_embeddings == 16
+    with pytest.raises(ValueError, match="max_position_embeddings must be positive, got 0"):
+        config.tiny().replace(max_position_embeddings=0)
