@@ -13,7 +13,7 @@ import jax
 from llama3_flax.model import Capture, embed, run_layers
 
 from jaxedit.requests import EditRequest
-from jaxedit.editing.tokenize import encode_prompt, pad_id, pad_right
+from jaxedit.editing.tokenize import check_lengths, encode_prompt, pad_id, pad_right
 
 
 def fill(template: str, request: EditRequest) -> tuple[str, str]:
@@ -64,6 +64,13 @@ def pad_rows(ids, last, pad: int, multiple: int = 8):
     return tokens, mask, last
 
 
+def _check_rows(ids, cfg, requests: Sequence[EditRequest], per_request: int, what: str) -> None:
+    """check_lengths on request-major rows, naming the request of the longest row."""
+    if ids:
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        check_lengths([len(ids[longest])], cfg, f"{what} prompt of {requests[longest // per_request].name}")
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _capture(params, cfg, tokens, mask, layers, positions):
     """Runs only the layers up to the last captured one (no later layers, no unembedding)."""
@@ -81,6 +88,7 @@ def keys_at_layers(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
     """
     flat = [t for g in template_groups for t in g]
     ids, last = subject_rows(tokenizer, requests, flat)
+    _check_rows(ids, cfg, requests, len(flat), "context-template")
     tokens, mask, last = pad_rows(ids, last, pad_id(tokenizer))
     captured = _capture(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(layers, jnp.int32),
                         jnp.asarray(last[:, None]))
@@ -92,6 +100,7 @@ def keys_at_layers(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
 def outputs_at_subject(params, cfg, tokenizer, requests: Sequence[EditRequest], layer: int):
     """(mlp_out (n, D), resid_out (n, D)) of `layer` at the subject's last token of each bare prompt."""
     ids, last = subject_rows(tokenizer, requests, ["{}"])
+    _check_rows(ids, cfg, requests, 1, "bare")
     tokens, mask, last = pad_rows(ids, last, pad_id(tokenizer))
     c = _capture(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray([layer], jnp.int32),
                  jnp.asarray(last[:, None]))

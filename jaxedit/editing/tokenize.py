@@ -5,6 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
+# Defined with the loaders, so that llama3_flax.checkpoint.load_model can check without importing jaxedit.
+from llama3_flax.checkpoint import check_tokenizer  # noqa: F401  (part of this module's API)
 from jaxedit.packing import bucket
 
 
@@ -24,6 +26,32 @@ def encode_target(tokenizer, target: str) -> list[int]:
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
     return ids
+
+
+def check_lengths(lengths: Sequence[int], cfg, what: str) -> None:
+    """Raises ValueError if the longest of `lengths` (token counts) exceeds cfg.max_position_embeddings.
+
+    Past that length RoPE runs on positions the model never saw, and its outputs are garbage with no
+    error of their own. `what` names the sequences in the message, e.g. "prompt of case 3".
+    """
+    if len(lengths) and max(lengths) > cfg.max_position_embeddings:
+        raise ValueError(f"{what}: a sequence of {max(lengths)} tokens is longer than the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
+
+
+def check_token_ids(ids, cfg, what: str) -> None:
+    """Raises ValueError if any token id is negative or >= cfg.vocab_size.
+
+    JAX clamps out-of-range gather indices instead of failing, so such ids would silently read
+    another token's embedding and logits.
+    """
+    ids = np.asarray(ids)
+    if not ids.size:
+        return
+    bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+    if bad.size:
+        raise ValueError(f"{what}: token id {int(bad.flat[0])} is outside the model's vocabulary "
+                         f"(vocab_size {cfg.vocab_size}); the tokenizer does not belong to this model")
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None,

@@ -81,6 +81,10 @@ def generate_texts(params, cfg: LlamaConfig, tokenizer, prompts: Sequence[str],
     if not prompts:
         return []
     enc = [tokenize.encode_prompt(tokenizer, p) for p in prompts]
+    for p, e in zip(prompts, enc):  # out-of-range ids would be clamped by JAX, not rejected
+        tokenize.check_token_ids(e, cfg, f"generation prompt {p!r}")
+    tokenize.check_lengths([len(e) + spec.max_new_tokens for e in enc], cfg,
+                           f"generation prompt + max_new_tokens ({spec.max_new_tokens})")
     pad = tokenize.pad_id(tokenizer)
     out: list[str] = [""] * len(prompts)
     buckets = plan_buckets([len(e) for e in enc], spec.batch_size, spec.multiple)

@@ -151,8 +151,11 @@ def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], batc
     """Mean target NLL (N,) float64 of tokenised pairs, in the order given (see score_pairs)."""
     if not encoded:
         return np.zeros((0,), np.float64)
+    for k, e in enumerate(encoded):  # out-of-range ids would be clamped by JAX, not rejected
+        tokenize.check_token_ids(e.prompt_ids + e.target_ids, cfg, f"scored pair {k}")
     # the last target token is only ever predicted, never a predictor: it needs no slot
     seqs = [e.prompt_ids + e.target_ids[:-1] for e in encoded]
+    tokenize.check_lengths([len(s) for s in seqs], cfg, "a scored prompt + target (less its last token)")
     width = max(row_width, packing.bucket(max(len(s) for s in seqs), 8))
     rows, paths = pack_token_trees(seqs, width)
     scored = collections.defaultdict(list)  # row -> (slot predicting, token, pair)

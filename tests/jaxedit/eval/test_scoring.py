@@ -96,3 +96,34 @@ def test_smollm2_paris_beats_london(smollm2):
     nll = scoring.score_pairs(params, cfg, tok, [("The capital of France is", "Paris"),
                                                  ("The capital of France is", "London")], batch_size=2)
     assert nll[0] < nll[1] - 1.0
+
+
+# ------------------------------------------------------------------------------ inputs the model cannot take
+def test_tokenizer_bigger_than_the_vocabulary(tiny):
+    from jaxedit import testing
+
+    cfg, params = tiny  # vocab_size 96
+    big = testing.WordTokenizer(4096)
+    with pytest.raises(ValueError, match="the tokenizer has 4096 tokens but the model's vocab_size is 96"):
+        tokenize.check_tokenizer(big, cfg)
+    tokenize.check_tokenizer(WordTokenizer(96, True), cfg)  # its own size is fine
+    # the ids themselves are checked where the batches are built: JAX would clamp them silently
+    with pytest.raises(ValueError, match=r"scored pair 0: token id \d+ is outside the model's vocabulary "
+                                         r"\(vocab_size 96\)"):
+        scoring.score_pairs(params, cfg, big, [("xylophone zebra", "quokka")])
+    encoded = [scoring.EncodedPair((1, 5), (7,)), scoring.EncodedPair((1, 5), (96,))]
+    with pytest.raises(ValueError, match=r"scored pair 1: token id 96 is outside.*vocab_size 96"):
+        scoring.score_encoded(params, cfg, encoded)
+
+
+def test_pair_longer_than_max_position_embeddings(tiny):
+    cfg, params = tiny
+    short = cfg.replace(max_position_embeddings=8)
+    tok = WordTokenizer(cfg.vocab_size, True)
+    pair = [("the river in the city is located in the", "Europe")]  # BOS + 9 words, + 1 target token
+    assert np.isfinite(scoring.score_pairs(params, cfg, tok, pair)).all()
+    with pytest.raises(ValueError, match=r"a scored prompt \+ target \(less its last token\): a sequence of 10 "
+                                         r"tokens is longer than the model's max_position_embeddings \(8\)"):
+        scoring.score_pairs(params, short, tok, pair)
+    # exactly max_position_embeddings tokens processed (the last target token is only predicted) is fine
+    assert np.isfinite(scoring.score_pairs(params, short, tok, [("the river in the city is", "located Europe")])).all()
