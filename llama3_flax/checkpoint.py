@@ -299,10 +299,15 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaCon
 
 # ------------------------------------------------------------------ dispatch
 def load_model(source: str | os.PathLike = "smollm2", dtype: str = "float32"):
-    """(cfg, params, tokenizer) from "smollm2" (the offline GGUF), a .gguf file, or an HF folder.
+    """(cfg, params, tokenizer) from "smollm2" (the offline GGUF), a .gguf file, an HF folder, or a hub
+    id "owner/name" that is not a local path (hub.resolve_model: HF_HOME cache, HF_HUB_OFFLINE).
 
     The tokenizer is checked against the config (check_tokenizer).
     """
+    from . import hub
+
+    if str(source) != "smollm2" and hub.is_hub_id(source):
+        source = hub.resolve_model(str(source))
     path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
