@@ -11,6 +11,19 @@ def bucket(n: int, multiple: int = 8) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def bucket_geometric(n: int, minimum: int = 8) -> int:
+    """Rounds n up to the next of minimum * {1, 1.5} * 2^k (minimum, 1.5 minimum, 2 minimum, 3 minimum,
+    4 minimum, ...): a few shapes over any range of sizes, at most a third of them padding."""
+    size = minimum
+    while True:
+        if n <= size:
+            return size
+        middle = size * 3 // 2
+        if middle > size and n <= middle:
+            return middle
+        size *= 2
+
+
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     """Packs items into bins of `capacity`: largest first (ties by index), each into the first bin
     with room. Returns the bins as lists of item indices, in the order they were filled."""

@@ -54,11 +54,12 @@ def group_average_matrix(n_requests: int, groups: Sequence[Sequence[str]]) -> np
     return np.kron(np.eye(n_requests), per_row[None, :]).astype(np.float32)
 
 
-def pad_rows(ids, last, pad: int, multiple: int = 8):
-    """Right-pads rows to a bucketed width and the row count to a multiple (dummy rows fully masked)."""
+def pad_rows(ids, last, pad: int, multiple: int = 8, width: int | None = None):
+    """Right-pads rows to `width` (default: a bucketed width) and the row count to a multiple (dummy
+    rows fully masked)."""
     n = len(ids)
     rows = -(-n // multiple) * multiple
-    tokens, mask = pad_right(list(ids) + [[pad]] * (rows - n), pad)
+    tokens, mask = pad_right(list(ids) + [[pad]] * (rows - n), pad, width)
     mask[n:] = 0
     last = np.concatenate([last, np.zeros(rows - n, np.int32)])
     return tokens, mask, last

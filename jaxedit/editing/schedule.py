@@ -43,7 +43,7 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
     Returns:
       (final params, list of BatchOutcome).
     """
-    requests = validate_batch(requests)
+    requests = validate_batch(requests, one_batch=False)  # a later batch may overwrite an earlier fact
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     hparams.spec.check_requests(batch_size)

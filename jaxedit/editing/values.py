@@ -22,8 +22,8 @@ from jaxedit.cache import model_fingerprint
 from jaxedit.hparams import ValueHparams
 from jaxedit.editing.keys import fill, pad_rows, subject_last_index
 from jaxedit.requests import EditRequest
-from jaxedit.editing.tokenize import encode_prompt, encode_target, pad_id
-from jaxedit.packing import bucket, first_fit_decreasing
+from jaxedit.editing.tokenize import check_lengths, check_token_ids, encode_prompt, encode_target, pad_id
+from jaxedit.packing import bucket, bucket_geometric, first_fit_decreasing
 
 KL_TEMPLATE = "{} is a"
 
@@ -98,8 +98,9 @@ def pack_suffixes(lengths: Sequence[int], lookup: Sequence[int], min_width: int 
     suffix = [length - start for length, start in zip(lengths, lookup)]
     width = max(min_width, bucket(max(suffix), 8))
     lanes = first_fit_decreasing(suffix, width)  # rows of each lane
-    n_lanes = bucket(len(lanes), 2) if len(lanes) > 1 else 1
-    cache_len = bucket(max(sum(lookup[r] for r in lane) for lane in lanes), 32)
+    # Geometric buckets: a run of single edits compiles a few programs, not one per request.
+    n_lanes = bucket_geometric(len(lanes), 1)
+    cache_len = bucket_geometric(max(sum(lookup[r] for r in lane) for lane in lanes), 32)
     shape, cshape = (n_lanes, width), (n_lanes, cache_len)
     row, slot, end, inject = (np.zeros(shape, np.int32) for _ in range(4))
     cache_row, cache_slot, cache_start, cache_end = (np.zeros(cshape, np.int32) for _ in range(4))
@@ -142,9 +143,10 @@ def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Seq
     slots = [(first_tok[row] + prompt_len - 1 - lookup[row] + j, tid, owner[row],
               1.0 / (len(target) * len(templates)))
              for row, (target, prompt_len) in enumerate(targets) for j, tid in enumerate(target)]
-    slots += [(0, 0, 0, 0.0)] * (bucket(len(slots), 8) - len(slots))
+    slots += [(0, 0, 0, 0.0)] * (bucket_geometric(len(slots), 8) - len(slots))
     target_tok, target_ids, target_req, target_w = (np.asarray(x) for x in zip(*slots))
-    tokens, mask, lookup_arr = pad_rows(ids, np.asarray(lookup, np.int32), pad_id(tokenizer))
+    tokens, mask, lookup_arr = pad_rows(ids, np.asarray(lookup, np.int32), pad_id(tokenizer),
+                                        width=bucket_geometric(max(len(x) for x in ids), 16))
     owner = np.asarray(owner + [0] * (tokens.shape[0] - len(owner)), np.int32)
     arrays = (tokens, mask, lookup_arr, owner, np.arange(n) * len(templates))
     return ValueBatch(*(jnp.asarray(a, jnp.int32) for a in arrays), lanes=lanes,
@@ -335,7 +337,11 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
                          requests=tuple(request_digest(r) for r in requests))
     parts = []
     for start in range(0, len(requests), chunk_size):
-        batch = build_value_batch(tokenizer, requests[start:start + chunk_size], templates)
+        chunk = requests[start:start + chunk_size]
+        batch = build_value_batch(tokenizer, chunk, templates)
+        lengths = np.asarray(jax.device_get(batch.mask)).sum(axis=1)
+        check_lengths(lengths, cfg, f"a rewriting prompt (with its target) of case(s) {[r.case_id for r in chunk]}")
+        check_token_ids(np.asarray(jax.device_get(batch.tokens)), cfg, "the value optimisation's prompts")
         parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site))
     values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
     return values.replace(made_for=made_for)

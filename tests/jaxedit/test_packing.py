@@ -27,3 +27,10 @@ def test_first_fit_decreasing_places_largest_first_into_the_first_bin_with_room(
 
 def test_bucket_rounds_up_to_a_multiple():
     assert [packing.bucket(n, 8) for n in (0, 1, 8, 9, 17)] == [8, 8, 8, 16, 24]
+
+
+def test_geometric_buckets_are_few_and_waste_at_most_a_third():
+    sizes = sorted({packing.bucket_geometric(n, 8) for n in range(1, 1025)})
+    assert sizes[:6] == [8, 12, 16, 24, 32, 48] and len(sizes) == 15
+    assert all(n <= packing.bucket_geometric(n, 8) <= max(8, 1.5 * n) for n in range(1, 1025))
+    assert [packing.bucket_geometric(n, 1) for n in (1, 2, 3, 5, 7, 9)] == [1, 2, 3, 6, 8, 12]

@@ -72,7 +72,7 @@ def test_rome_one_at_a_time(world):
     vals = editor.edit_values(params, cfg, tok, cases[:8], hp, templates=g)
     wins = []
     for i, case in enumerate(cases[:8]):
-        one = jax.tree_util.tree_map(lambda x: x[i:i + 1], vals)
+        one = vals.select(i)
         new, _ = editor.edit(params, cfg, tok, [case], hp, covariances=covs, templates=g, values=one)
         wins += efficacy(new, cfg, tok, [case])
     assert unchanged(params, before)
