@@ -25,6 +25,7 @@ from typing import Sequence
 
 PRESETS = ("smollm2-135m", "llama3-8b")
 FORMATS = ("hf", "gguf")
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 
 
 class UsageError(ValueError):
@@ -153,22 +154,18 @@ def _temporary_sibling(out: Path) -> Path:
 def write_model(out: Path, params, cfg, tokenizer, fmt: str, *, source, gguf_dtype: str) -> None:
     """Writes the edited model to `out` all at once: into a temporary sibling first, renamed at the
     end, so an error or Ctrl-C leaves nothing at `out`."""
-    from llama3_flax import checkpoint
+    from llama3_flax import checkpoint, gguf_export
 
+    if fmt == "gguf":  # save_gguf itself writes a temporary file and renames it
+        gguf_export.save_gguf(out, params, cfg, tokenizer_source=source, dtype=gguf_dtype)
+        return
     tmp = _temporary_sibling(out)
     try:
-        if fmt == "hf":
-            checkpoint.save_hf_folder(tmp, params, cfg, tokenizer)
-        else:
-            from llama3_flax import gguf_export
-
-            gguf_export.save_gguf(tmp, params, cfg, tokenizer_source=source, dtype=gguf_dtype)
+        checkpoint.save_hf_folder(tmp, params, cfg, tokenizer)
         os.replace(tmp, out)
     finally:
-        if tmp.is_dir():
+        if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
 
 
 def _gguf_source(model: str, tokenizer):
@@ -196,6 +193,10 @@ def edit_command(args) -> int:
         raise UsageError(f"--out {out} exists; choose another path or remove it")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if args.format == "gguf" and out.suffix != ".gguf":
+        raise UsageError(f"--out {out}: a GGUF file name ends in .gguf")
+    if args.format == "gguf" and args.gguf_dtype not in GGUF_DTYPES:
+        raise UsageError(f"--gguf_dtype {args.gguf_dtype!r}: one of {', '.join(GGUF_DTYPES)}")
     method = methods.method(args.method)
     layers = _layers(args.layers)
     if args.batch_size is not None and args.batch_size < 1:

@@ -120,3 +120,20 @@ def test_evaluate_an_edited_folder_gives_the_library_numbers(edited_folder, tmp_
     assert got["n"] == 6
     for k in ("es", "ps", "ns", "s", "em", "pm", "nm"):
         np.testing.assert_allclose(got["aggregate"][k], getattr(want, k), atol=1e-6)
+
+
+def test_edit_written_as_gguf_loads_back_with_the_same_logits(edited_folder, tmp_path):
+    import jax.numpy as jnp
+
+    from llama3_flax import checkpoint, model
+
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    out = tmp_path / "edited.gguf"
+    assert cli.main(["edit", "--model", "smollm2", "--facts", str(facts), "--method", "memit", "--out", str(out),
+                     "--format", "gguf", "--gguf_dtype", "float32", "--jit_cache", "off"]) == 0
+    cfg_g, params_g, tok_g = checkpoint.load_model(out)
+    cfg_h, params_h, _ = checkpoint.load_model(edited_folder[0])
+    tokens = jnp.asarray([tok_g("The mother tongue of Danielle Darrieux is")["input_ids"]])
+    got, want = model.forward(params_g, cfg_g, tokens), model.forward(params_h, cfg_h, tokens)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
+    assert not list(tmp_path.glob(".edited.gguf*"))  # no temporary left behind
