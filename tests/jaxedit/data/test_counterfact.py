@@ -272,3 +272,14 @@ def test_hub_records_are_parsed(monkeypatch, no_network):
     reqs = cf.load_counterfact("hf:azhx/counterfact", ids=[2])
     assert seen == {"hub_id": "azhx/counterfact", "split": "train"}
     assert reqs[0].subject == "Toko Yasuda" and reqs[0].target_new == "piano"
+
+
+def test_garbage_lines_name_file_and_line(tmp_path):
+    path = tmp_path / "cf.jsonl"
+    path.write_text(json.dumps(easyedit_record()) + "\n\n{this is not json\n")
+    with pytest.raises(ValueError, match=r"cf\.jsonl, line 3: not a JSON record"):
+        cf.read_json_records(path)
+    broken = tmp_path / "cf.json"
+    broken.write_text('[\n  {"case_id": 1,\n  oops\n]')
+    with pytest.raises(ValueError, match=r"cf\.json, line 3, column 3: invalid JSON"):
+        cf.read_json_records(broken)
