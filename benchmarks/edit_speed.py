@@ -96,7 +96,7 @@ def torch_value_flops(cfg, layer: int, rows: int, t: int, evaluations: int) -> d
 
 
 def matmul_rate_jax(n: int = 2048, reps: int = 5) -> float:
-    """Measured float32 n x n matmul rate of JAX on this machine, GFLOP/s (median)."""
+    """Measured float32 n x n matmul rate of JAX here, GFLOP/s (median)."""
     import jax
     import jax.numpy as jnp
 
