@@ -31,13 +31,19 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
         raise ValueError(f"an item of size {max(sizes)} does not fit bins of capacity {capacity}")
     bins: list[list[int]] = []
     room: list[int] = []
+    open_bins: list[int] = []  # bins with room left, in the order they were made: full ones are never scanned
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        b = next((b for b, free in enumerate(room) if sizes[i] <= free), len(bins))
-        if b == len(bins):
+        at = next((k for k, b in enumerate(open_bins) if sizes[i] <= room[b]), None)
+        if at is None:
             bins.append([])
             room.append(capacity)
+            open_bins.append(len(bins) - 1)
+            at = len(open_bins) - 1
+        b = open_bins[at]
         bins[b].append(i)
         room[b] -= sizes[i]
+        if room[b] == 0:
+            del open_bins[at]
     return bins
 
 

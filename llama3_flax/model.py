@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import blocked_attention
 from . import math as lm
 from .config import LlamaConfig
 
@@ -175,14 +176,21 @@ def layer_context(cfg: LlamaConfig, mask: jax.Array, positions: jax.Array | None
     return cos, sin, lm.attention_bias(slots, slots, mask, key_ends)
 
 
-def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias):
-    """One decoder layer without a cache: returns (h_out, mlp_in (B, T, F), mlp_out (B, T, D))."""
-    h, _ = attention_block(cfg, lp, h, cos, sin, bias)
+def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, query_block: int | None = None):
+    """One decoder layer without a cache: returns (h_out, mlp_in (B, T, F), mlp_out (B, T, D)).
+
+    query_block: with a causal bias, attention in blocks of this many query slots
+    (blocked_attention; the same result, faster on long rows).
+    """
+    if query_block is None:
+        h, _ = attention_block(cfg, lp, h, cos, sin, bias)
+    else:
+        h = blocked_attention.self_attention_block(cfg, lp, h, cos, sin, bias, query_block)
     return mlp_block(cfg, lp, h)
 
 
 def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, first_layer: int | jax.Array = 0,
-                last_layer: int | jax.Array | None = None, per_layer: tuple = ()):
+                last_layer: int | jax.Array | None = None, per_layer: tuple = (), stop_after_last: bool = False):
     """The one loop over the stacked layers that every forward variant shares.
 
     Layer i runs `active(i, layer_params, carry, *per_layer_i)` when first_layer <= i <= last_layer
@@ -192,10 +200,27 @@ def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, fir
     Args:
       per_layer: arrays with a leading layer axis handed to both functions layer by layer (e.g. the
         key/value caches).
+      stop_after_last: run only first_layer..last_layer, in a while loop (a data-dependent trip
+        count, so no step is spent on later layers, and a carry the loop updates in place). Then
+        `skipped` is not used, ys are None, per_layer must be empty, and the loop cannot be
+        differentiated in reverse mode (corpus statistics, not the value optimisation).
     Returns:
       (final carry, ys stacked on a leading layer axis).
     """
     last_layer = cfg.num_hidden_layers - 1 if last_layer is None else last_layer
+    if stop_after_last:
+        if per_layer:
+            raise ValueError("scan_layers(stop_after_last=True) takes no per_layer arrays")
+
+        def body(state):
+            i, c = state
+            lp = jax.tree_util.tree_map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False),
+                                        params["layers"])
+            return i + 1, active(i, lp, c)[0]
+
+        start = jnp.asarray(first_layer, jnp.int32)
+        _, carry = jax.lax.while_loop(lambda state: state[0] <= last_layer, body, (start, carry))
+        return carry, None
 
     def step(carry, xs):
         i, lp, extra = xs

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxedit import packing
 from jaxedit.editing import covariance as cov
 from jaxedit.data import corpus
 from jaxedit.editing import covariance_cache
@@ -197,3 +198,24 @@ def test_smollm2_covariance_is_symmetric_psd(smollm2, data_dir):
         eig = np.linalg.eigvalsh(c0)
         assert eig.min() >= -1e-6 * eig.max()
         assert np.all(np.diag(c0) >= 0) and np.trace(c0) > 0
+
+
+def test_all_layers_pass_equals_one_layer_passes(tiny, corpus_file):
+    cfg, params = tiny
+    every = list(range(cfg.num_hidden_layers))
+    together = _run(tiny, corpus_file, None, layers=every)
+    for layer in every:
+        alone = _run(tiny, corpus_file, None, layers=(layer,))
+        assert rel(together[layer], alone[layer]) <= 1e-6
+
+
+def test_samples_are_packed_into_rows_once_each():
+    lengths = [24, 3, 10, 24, 7, 14, 1, 20]
+    rows = packing.first_fit_decreasing(lengths, 24)
+    placed = sorted(i for row in rows for i in row)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 24 for row in rows)
+    assert len(rows) == -(-sum(lengths) // 24)  # these lengths pack without a spare row
+    samples = [[5] * n for n in lengths]
+    assert cov.padding_share(samples, batch_size=2, max_length=24, pad_multiple=8) == pytest.approx(
+        1 - sum(lengths) / (3 * 2 * 24))  # 5 rows in 3 batches of 2
