@@ -137,3 +137,28 @@ def test_edit_written_as_gguf_loads_back_with_the_same_logits(edited_folder, tmp
     got, want = model.forward(params_g, cfg_g, tokens), model.forward(params_h, cfg_h, tokens)
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
     assert not list(tmp_path.glob(".edited.gguf*"))  # no temporary left behind
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while the model is being written: neither the output nor a temporary stays behind."""
+    from llama3_flax import checkpoint
+
+    def interrupted_save(folder, *args, **kwargs):
+        folder.mkdir()
+        (folder / "model-00001.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_hf_folder", interrupted_save)
+    out = tmp_path / "edited"
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_model(out, None, None, None, "hf", source=None, gguf_dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_reported_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "edit_command", interrupted)
+    code = cli.main(["edit", "--facts", "f.jsonl", "--method", "memit", "--out", str(tmp_path / "x")])
+    assert code == 130 and "cancelled; nothing was written" in capsys.readouterr().err
