@@ -25,7 +25,8 @@ from typing import Mapping, Sequence
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import results_log
+from experiments import records, results_log
+from jaxedit.eval.metrics import harmonic_mean
 
 flags.DEFINE_string("runs_dir", "runs", "folder with layer_sweep.jsonl, batch_sweep.jsonl, sequential_sweep.jsonl")
 flags.DEFINE_string("layer_file", None, "layer sweep JSONL (default <runs_dir>/layer_sweep.jsonl)")
@@ -164,23 +165,35 @@ def batch_sweep(records, out_dir: Path) -> str:
 # =========================================================================== sequential sweep
 def batch_windows(batches: Sequence[Mapping], max_windows: int) -> list[dict]:
     """Consecutive batches grouped into at most max_windows windows (each batch alone when few): per
-    window its first and last batch index, the edits made by its end, and the mean of each metric of
-    its batches' after-batch scores (a single case's NS is 0 or 100; windows make trends readable)."""
+    window its first and last batch index, the edits made by its end, and its after-batch scores
+    aggregated over the window (a single case's NS is 0 or 100; windows make trends readable).
+
+    A window's ES, PS, NS and margins are means over its cases (over its batches' scores, weighted by
+    their case counts, where batches carry no per-case rows), and its S is the harmonic mean of those
+    ES, PS and NS, as for any aggregate: never a mean of per-batch S.
+    """
     n = len(batches)
     bounds = np.linspace(0, n, min(n, max_windows) + 1).round().astype(int)
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         part = batches[lo:hi]
+        if all(b.get("cases") for b in part):
+            agg = records.aggregate_cases([c for b in part for c in b["cases"]])
+        else:
+            weights = [b["after_batch"].get("n_cases") or 1 for b in part]
+            agg = {m: _mean([_nan(b["after_batch"].get(m)) for b in part], weights) for m in SHOWN if m != "s"}
+            agg["s"] = harmonic_mean([agg["es"], agg["ps"], agg["ns"]])
         out.append({"first": part[0]["batch_index"], "last": part[-1]["batch_index"],
                     "edits_so_far": part[-1]["edits_so_far"],
-                    "after_batch": {m: _mean([_nan(b["after_batch"].get(m)) for b in part]) for m in SHOWN}})
+                    "after_batch": {m: _nan(agg.get(m)) for m in SHOWN}})
     return out
 
 
-def _mean(values) -> float:
+def _mean(values, weights=None) -> float:
     v = np.asarray(values, np.float64)
-    v = v[~np.isnan(v)]
-    return float(v.mean()) if v.size else float("nan")
+    w = np.ones_like(v) if weights is None else np.asarray(weights, np.float64)
+    keep = ~np.isnan(v)
+    return float(np.sum(v[keep] * w[keep]) / np.sum(w[keep])) if keep.any() else float("nan")
 
 
 def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int = 8) -> str:

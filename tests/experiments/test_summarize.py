@@ -2,6 +2,8 @@
 import math
 import json
 
+import pytest
+
 from experiments import summarize
 
 
@@ -65,3 +67,20 @@ def test_batch_windows_average_consecutive_batches():
     assert [(w["first"], w["last"]) for w in grouped] == [(0, 1), (2, 4), (5, 7), (8, 9)]
     assert [w["after_batch"]["ns"] for w in grouped] == [50.0, 100 / 3, 200 / 3, 50.0]
     assert grouped[-1]["edits_so_far"] == 10 and math.isnan(grouped[0]["after_batch"]["ps"])
+
+
+def test_window_s_is_the_harmonic_mean_of_the_window_aggregates():
+    """A window of single-edit batches ES 100 / PS 100 / NS (100, 0): NS 50, S = HM(100, 100, 50) = 75,
+    not the mean of the batches' S (100 and 0)."""
+    def batch(i, ns):
+        case = {"case_id": i, "es": 100.0, "ps": 100.0, "ns": ns, "em": 1.0, "pm": 1.0, "nm": 1.0}
+        s = 0.0 if ns == 0 else 100.0
+        return {"batch_index": i, "edits_so_far": i + 1, "cases": [case],
+                "after_batch": {"es": 100.0, "ps": 100.0, "ns": ns, "s": s, "n_cases": 1}}
+
+    (window,) = summarize.batch_windows([batch(0, 100.0), batch(1, 0.0)], max_windows=1)
+    assert window["after_batch"]["ns"] == 50.0
+    assert window["after_batch"]["s"] == pytest.approx(75.0)
+    without_cases = [{k: v for k, v in batch(i, ns).items() if k != "cases"} for i, ns in ((0, 100.0), (1, 0.0))]
+    (window,) = summarize.batch_windows(without_cases, max_windows=1)
+    assert window["after_batch"]["s"] == pytest.approx(75.0)
