@@ -17,6 +17,7 @@ from jaxedit.hparams import EditHparams
 from jaxedit.editing.keys import keys_at_layers, outputs_at_subject
 from jaxedit.requests import EditRequest, validate_batch
 from jaxedit.editing.templates import flat
+from jaxedit.editing.tokenize import check_tokenizer
 from jaxedit.editing.values import Values, ValuesFor, compute_values, request_digest
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def edit_values(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams
     output site, MEMIT/EMMET: residual site). They carry what they were made for (Values.made_for)."""
     requests = validate_batch(requests)
     hparams.check_layers(cfg.num_hidden_layers)
+    check_tokenizer(tokenizer, cfg)
     templates = preflight.check_template_groups(templates)
     return compute_values(params, cfg, tokenizer, requests, flat(templates), hparams.layers[-1], hparams.value,
                           hparams.spec.site, chunk_size=chunk_size)
@@ -118,6 +120,7 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
     hparams.check_layers(cfg.num_hidden_layers)
     method = hparams.spec
     method.check_requests(len(requests))
+    check_tokenizer(tokenizer, cfg)
     templates = preflight.check_template_groups(templates)
     factors, repairs = preflight.preservation_factors(covariances, hparams.layers, cfg.intermediate_size,
                                                       allow_jitter=allow_jitter)
