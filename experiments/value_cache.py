@@ -31,11 +31,12 @@ def _folder_key(model: str, tokenizer: str, hp, groups) -> str:
 
 
 def request_file_name(request) -> str:
-    """The file of a request's value: a sha256 of the request fields the value depends on (prompt,
-    subject, target_new), never its case_id, so another request under the same id is not served this
+    """The file of a request's value: the digest of the request fields the value depends on (prompt,
+    subject, target_new; values.request_digest), never its case_id, so another request under the same id is not served this
     value, and ids that differ only in characters unfit for file names do not share a file."""
-    content = json.dumps([request.prompt, request.subject, request.target_new])
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:32] + ".npz"
+    from jaxedit.editing.values import request_digest
+
+    return request_digest(request) + ".npz"
 
 
 class ValueCache:
