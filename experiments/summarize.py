@@ -26,6 +26,7 @@ from absl import app, flags
 from tqdm.auto import tqdm
 
 from experiments import records, results_log
+from jaxedit.eval import intervals
 from jaxedit.eval.metrics import harmonic_mean
 
 flags.DEFINE_string("runs_dir", "runs", "folder with layer_sweep.jsonl, batch_sweep.jsonl, sequential_sweep.jsonl")
@@ -33,6 +34,7 @@ flags.DEFINE_string("layer_file", None, "layer sweep JSONL (default <runs_dir>/l
 flags.DEFINE_string("batch_file", None, "batch sweep JSONL (default <runs_dir>/batch_sweep.jsonl)")
 flags.DEFINE_string("sequential_file", None, "sequential sweep JSONL (default <runs_dir>/sequential_sweep.jsonl)")
 flags.DEFINE_string("out_dir", "experiments/results", "where the .md and .png files go")
+flags.DEFINE_integer("bootstrap_resamples", 1000, "resamples of the cases for each 95% interval")
 FLAGS = flags.FLAGS
 
 SHOWN = ("es", "ps", "ns", "s", "em", "pm", "nm")
@@ -62,8 +64,29 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def _metric_cells(agg: Mapping) -> list[str]:
-    return [_f(agg.get(k)) for k in SHOWN]
+def _metric_cells(agg: Mapping, cases: Sequence[Mapping] | None = None) -> list[str]:
+    """The shown metrics of an aggregate; with the cell's per-case rows, each with its bootstrap 95%
+    interval over cases (S recomputed inside every resample; jaxedit.eval.intervals)."""
+    if not cases:
+        return [_f(agg.get(k)) for k in SHOWN]
+    ci = _intervals(cases)
+    return [f"{_f(agg.get(k))} [{_f(ci[k].low)}, {_f(ci[k].high)}]" for k in SHOWN]
+
+
+def _intervals(cases: Sequence[Mapping]) -> dict:
+    return intervals.bootstrap(cases, n_resamples=FLAGS.bootstrap_resamples if FLAGS.is_parsed() else 1000,
+                               seed=0)
+
+
+def _error_bars(ax, xs, aggregates, case_lists, k, label, fmt="o-"):
+    """A metric across cells, with its bootstrap interval as error bars where the cells carry cases."""
+    ys = [_nan(a[k]) for a in aggregates]
+    if all(case_lists):
+        cis = [_intervals(cases)[k] for cases in case_lists]
+        yerr = [[max(0.0, y - ci.low) for y, ci in zip(ys, cis)], [max(0.0, ci.high - y) for y, ci in zip(ys, cis)]]
+        ax.errorbar(xs, ys, yerr=yerr, fmt=fmt, capsize=2, label=label)
+    else:
+        ax.plot(xs, ys, fmt, label=label)
 
 
 def _models(cells) -> list[str]:
@@ -97,15 +120,16 @@ def layer_sweep(records, out_dir: Path) -> str:
     if not cells:
         return ""
     many = len(_models(cells)) > 1
-    rows = [[_label(c["key"], many), c["key"]["layer"], c["aggregate"]["n_cases"], *_metric_cells(c["aggregate"])]
-            for c in cells]
+    rows = [[_label(c["key"], many), c["key"]["layer"], c["aggregate"]["n_cases"],
+             *_metric_cells(c["aggregate"], c.get("cases"))] for c in cells]
     table = md_table(["method", "layer", "N", *[k.upper() for k in SHOWN]], rows)
     best = []
     for label in dict.fromkeys(_label(c["key"], many) for c in cells):
         mine = [c for c in cells if _label(c["key"], many) == label]
         top = max(mine, key=lambda c: (c["aggregate"]["s"] or 0.0))
         best.append(f"- {label}: best S {_f(top['aggregate']['s'])} at layer {top['key']['layer']}")
-    text = "## Layer sweep (single edits, each on the unedited model)\n\n" + table + "\n\n" + "\n".join(best) + "\n"
+    text = ("## Layer sweep (single edits, each on the unedited model)\n\nEach metric: the aggregate over the "
+            "cell's cases [bootstrap 95% interval over cases].\n\n" + table) + "\n\n" + "\n".join(best) + "\n"
     (out_dir / "layer_sweep.md").write_text(text)
 
     plt = _plt()
@@ -113,7 +137,8 @@ def layer_sweep(records, out_dir: Path) -> str:
     for ax, k in zip(axes, tqdm(PLOTTED, desc="layer plot", leave=False)):
         for label in dict.fromkeys(_label(c["key"], many) for c in cells):
             mine = [c for c in cells if _label(c["key"], many) == label]
-            ax.plot([c["key"]["layer"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
+            _error_bars(ax, [c["key"]["layer"] for c in mine], [c["aggregate"] for c in mine],
+                        [c.get("cases") for c in mine], k, label)
         _style_panel(ax, LABEL[k], "edit layer")
     axes[0].legend()
     fig.suptitle("Single edits by layer (N per cell in layer_sweep.md)")
@@ -133,14 +158,15 @@ def batch_sweep(records, out_dir: Path) -> str:
     if not cells:
         return ""
     many = len(_models(cells)) > 1
-    rows = [[_label(c["key"], many), c["key"]["layer"], c["key"]["batch_size"], *_metric_cells(c["aggregate"])]
-            for c in cells]
+    rows = [[_label(c["key"], many), c["key"]["layer"], c["key"]["batch_size"],
+             *_metric_cells(c["aggregate"], c.get("cases"))] for c in cells]
     before = {}
     for c in cells:
         if c.get("before"):
             before.setdefault(c["key"]["batch_size"], c["before"])
     rows += [["unedited", "–", b, *_metric_cells(a)] for b, a in sorted(before.items())]
-    text = ("## Batch sweep (one batch edit per cell; metrics over the batch's cases)\n\n"
+    text = ("## Batch sweep (one batch edit per cell; metrics over the batch's cases)\n\nEach metric: the "
+            "aggregate over the cell's cases [bootstrap 95% interval over cases].\n\n"
             + md_table(["method", "layer", "batch size", *[k.upper() for k in SHOWN]], rows) + "\n")
     (out_dir / "batch_sweep.md").write_text(text)
 
@@ -149,7 +175,8 @@ def batch_sweep(records, out_dir: Path) -> str:
     for ax, k in zip(axes, tqdm(PLOTTED, desc="batch plot", leave=False)):
         for label in dict.fromkeys(_label(c["key"], many) for c in cells):
             mine = [c for c in cells if _label(c["key"], many) == label]
-            ax.plot([c["key"]["batch_size"] for c in mine], [_nan(c["aggregate"][k]) for c in mine], "o-", label=label)
+            _error_bars(ax, [c["key"]["batch_size"] for c in mine], [c["aggregate"] for c in mine],
+                        [c.get("cases") for c in mine], k, label)
         if before:  # the same cases unedited: NS is read against it
             sizes = sorted(before)
             ax.plot(sizes, [_nan(before[b].get(k)) for b in sizes], "--", color="grey", label="unedited")
@@ -208,7 +235,7 @@ def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int 
         c = cells[k]
         key = c["key"]
         rows.append([_label(key, many), key["batch_size"], key["total"], c.get("n_batches", len(batches[k])),
-                     "final, all edits", *_metric_cells(c["final_all"])])
+                     "final, all edits", *_metric_cells(c["final_all"], c.get("final_cases"))])
         rows.append(["", "", "", "", "after each batch (mean)", *_metric_cells(c["after_batch_mean"])])
     befores = {(cells[k]["key"].get("model"), cells[k]["key"]["total"]): cells[k]["before"]
                for k in keys if cells[k].get("before")}
@@ -252,8 +279,8 @@ def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int 
         ax = axes[-1][col]
         for label in methods:
             mine = [k for k in keys if _label(cells[k]["key"], many) == label]
-            ax.plot([cells[k]["key"]["batch_size"] for k in mine], [_nan(cells[k]["final_all"][m]) for k in mine],
-                    "o-", label=label)
+            _error_bars(ax, [cells[k]["key"]["batch_size"] for k in mine], [cells[k]["final_all"] for k in mine],
+                        [cells[k].get("final_cases") for k in mine], m, label)
         _style_panel(ax, f"{LABEL[m]}\n(after all edits, over all edits)", "batch size", log_x=True, fontsize=9)
     axes[-1][0].legend(fontsize=8)
     fig.tight_layout()

@@ -84,3 +84,19 @@ def test_window_s_is_the_harmonic_mean_of_the_window_aggregates():
     without_cases = [{k: v for k, v in batch(i, ns).items() if k != "cases"} for i, ns in ((0, 100.0), (1, 0.0))]
     (window,) = summarize.batch_windows(without_cases, max_windows=1)
     assert window["after_batch"]["s"] == pytest.approx(75.0)
+
+
+def test_cells_with_cases_get_bootstrap_intervals(tmp_path):
+    cases = [{"case_id": i, "es": 100.0, "ps": 100.0 * (i % 2), "ns": 100.0, "em": 1.0, "pm": 1.0, "nm": 1.0}
+             for i in range(10)]
+    layer = [{"type": "cell", "attempt": "a", "key": {"sweep": "layer", "model": "m", "method": "memit", "layer": 0,
+                                                      "n": 10},
+              "aggregate": _agg(100, 50, 100), "cases": cases}]
+    _dump(tmp_path / "layer.jsonl", layer)
+    out = tmp_path / "out"
+    summarize.summarize(tmp_path / "layer.jsonl", tmp_path / "none.jsonl", tmp_path / "none2.jsonl", out)
+    text = (out / "layer_sweep.md").read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| MEMIT | 0 |"))
+    assert "100.0 [100.0, 100.0]" in row  # ES: every case 100
+    low, high = (float(x) for x in row.split("|")[5].split("[")[1].rstrip("] ").split(","))
+    assert low < 50.0 < high  # PS: 5 of 10 cases
