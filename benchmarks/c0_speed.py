@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.edit_speed import matmul_rate_jax
+
 
 
 # =============================================================================== FLOP models
@@ -55,28 +57,12 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def matmul_rate(n: int, reps: int = 5) -> float:
-    """float32 n x n matmul GFLOP/s (median of reps, compiled beforehand)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
-
-
 class Reference:
     """Matmul rates measured around each timed stage."""
 
     def __init__(self, n: int):
         self.n = n
-        self.rates = [matmul_rate(n)]
+        self.rates = [matmul_rate_jax(n)]
 
     def around(self, fn):
         """Runs fn, measures the matmul rate after it; returns (fn's result, seconds, mean rate of the
@@ -85,7 +71,7 @@ class Reference:
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-        self.rates.append(matmul_rate(self.n))
+        self.rates.append(matmul_rate_jax(self.n))
         return out, seconds, 0.5 * (before + self.rates[-1])
 
 

@@ -13,9 +13,6 @@ import math as _math
 import jax
 import jax.numpy as jnp
 
-from . import math as lm
-from .config import LlamaConfig
-
 
 def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int) -> jax.Array:
     """Grouped-query self-attention, equal to math.grouped_query_attention for a causal bias.
@@ -43,17 +40,3 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.A
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, n * g, end)
         outs.append(jnp.einsum("bkqs,bkse->bkqe", probs, vt[:, :, :end]).reshape(b, kv, n, g, e))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
-
-
-def self_attention_block(cfg: LlamaConfig, lp, h: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-                         block: int) -> jax.Array:
-    """The self-attention sub-layer (model.attention_block without a cache) with causal_block_attention:
-    h (B, T, D) -> h + attention output."""
-    b, t, _ = h.shape
-    x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
-    q = lm.linear(x, lp["q_proj"]).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-    k = lm.linear(x, lp["k_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-    v = lm.linear(x, lp["v_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-    q, k = lm.apply_rope(q, cos, sin), lm.apply_rope(k, cos, sin)
-    attn = causal_block_attention(q, k, v, bias, block)
-    return h + lm.linear(attn.reshape(b, t, -1), lp["o_proj"])

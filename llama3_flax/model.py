@@ -131,13 +131,15 @@ def _gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, write_slots=None,
-                    prefix=None):
+                    prefix=None, query_block: int | None = None):
     """Self-attention sub-layer of one layer's params lp (B, T, D) -> (B, T, D).
 
     With kv=(k_cache, v_cache) (B, S, K, E), this step's keys and values are written at cache slots
     write_slots (B, T) (any slots per row) and the queries attend over the whole cache; returns
     (h, new kv). With prefix=(k, v, bias), the queries also attend to read-only keys and values
-    (B, S, K, E) of earlier tokens under bias (B, 1, T, S), in the same softmax.
+    (B, S, K, E) of earlier tokens under bias (B, 1, T, S), in the same softmax. With query_block
+    (no cache, no prefix, a causal bias), attention runs in blocks of that many query slots
+    (blocked_attention: the same result, faster on long rows).
     """
     b, t, _ = h.shape
     x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
@@ -149,8 +151,13 @@ def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, wr
         rows = jnp.arange(b)[:, None]
         k = kv[0].at[rows, write_slots].set(k.astype(kv[0].dtype))
         v = kv[1].at[rows, write_slots].set(v.astype(kv[1].dtype))
-    blocks = ((k, v, bias),) if prefix is None else (prefix, (k, v, bias))
-    attn = lm.attention_over_blocks(q, blocks)
+    if query_block is not None:
+        if kv is not None or prefix is not None:
+            raise ValueError("attention in query blocks takes neither a cache nor a prefix")
+        attn = blocked_attention.causal_block_attention(q, k, v, bias, query_block)
+    else:
+        blocks = ((k, v, bias),) if prefix is None else (prefix, (k, v, bias))
+        attn = lm.attention_over_blocks(q, blocks)
     h = h + lm.linear(attn.reshape(b, t, -1), lp["o_proj"])
     return h, (k, v)
 
@@ -182,10 +189,7 @@ def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, query_block: 
     query_block: with a causal bias, attention in blocks of this many query slots
     (blocked_attention; the same result, faster on long rows).
     """
-    if query_block is None:
-        h, _ = attention_block(cfg, lp, h, cos, sin, bias)
-    else:
-        h = blocked_attention.self_attention_block(cfg, lp, h, cos, sin, bias, query_block)
+    h, _ = attention_block(cfg, lp, h, cos, sin, bias, query_block=query_block)
     return mlp_block(cfg, lp, h)
 
 
