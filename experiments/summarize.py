@@ -132,20 +132,31 @@ def layer_sweep(records, out_dir: Path) -> str:
             "cell's cases [bootstrap 95% interval over cases].\n\n" + table) + "\n\n" + "\n".join(best) + "\n"
     (out_dir / "layer_sweep.md").write_text(text)
 
+    _metric_panels(cells, many, "layer", "edit layer", "Single edits by layer (N per cell in layer_sweep.md)",
+                   out_dir / "layer_sweep.png")
+    return text
+
+
+def _metric_panels(cells, many: bool, x_field: str, x_label: str, title: str, path: Path, log_x: bool = False,
+                   reference: Mapping | None = None) -> None:
+    """One panel per plotted metric, one line per method across the cells' `x_field`, with bootstrap
+    error bars; `reference` ({x: aggregate}) is drawn dashed (the same cases unedited)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4))
-    for ax, k in zip(axes, tqdm(PLOTTED, desc="layer plot", leave=False)):
+    for ax, k in zip(axes, tqdm(PLOTTED, desc=path.stem, leave=False)):
         for label in dict.fromkeys(_label(c["key"], many) for c in cells):
             mine = [c for c in cells if _label(c["key"], many) == label]
-            _error_bars(ax, [c["key"]["layer"] for c in mine], [c["aggregate"] for c in mine],
+            _error_bars(ax, [c["key"][x_field] for c in mine], [c["aggregate"] for c in mine],
                         [c.get("cases") for c in mine], k, label)
-        _style_panel(ax, LABEL[k], "edit layer")
+        if reference:
+            xs = sorted(reference)
+            ax.plot(xs, [_nan(reference[x].get(k)) for x in xs], "--", color="grey", label="unedited")
+        _style_panel(ax, LABEL[k], x_label, log_x=log_x)
     axes[0].legend()
-    fig.suptitle("Single edits by layer (N per cell in layer_sweep.md)")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_dir / "layer_sweep.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return text
 
 
 def _nan(x):
@@ -170,22 +181,9 @@ def batch_sweep(records, out_dir: Path) -> str:
             + md_table(["method", "layer", "batch size", *[k.upper() for k in SHOWN]], rows) + "\n")
     (out_dir / "batch_sweep.md").write_text(text)
 
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4))
-    for ax, k in zip(axes, tqdm(PLOTTED, desc="batch plot", leave=False)):
-        for label in dict.fromkeys(_label(c["key"], many) for c in cells):
-            mine = [c for c in cells if _label(c["key"], many) == label]
-            _error_bars(ax, [c["key"]["batch_size"] for c in mine], [c["aggregate"] for c in mine],
-                        [c.get("cases") for c in mine], k, label)
-        if before:  # the same cases unedited: NS is read against it
-            sizes = sorted(before)
-            ax.plot(sizes, [_nan(before[b].get(k)) for b in sizes], "--", color="grey", label="unedited")
-        _style_panel(ax, LABEL[k], "batch size", log_x=True)
-    axes[0].legend()
-    fig.suptitle("Batch editing: MEMIT vs EMMET")
-    fig.tight_layout()
-    fig.savefig(out_dir / "batch_sweep.png", dpi=110)
-    plt.close(fig)
+    # the same cases unedited, dashed: NS is read against it
+    _metric_panels(cells, many, "batch_size", "batch size", "Batch editing: MEMIT vs EMMET", out_dir / "batch_sweep.png",
+                   log_x=True, reference=before)
     return text
 
 
