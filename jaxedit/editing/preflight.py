@@ -101,9 +101,10 @@ def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int,
 def check_update_norm(layer: int, delta_norm: float, weight_norm: float) -> str | None:
     """The warning for an update out of proportion to its layer: ||dW||_F > ||W||_F.
 
-    A usual edit changes a down-projection by well under 1% of its norm (MEMIT on 1024 facts by a
-    few percent); an update as large as the layer itself (conflicting requests under equality
-    constraints, a degenerate C0) overwrites what the layer stored.
+    On SmolLM2 (||W|| about 174 at layer 3) MEMIT on 8 CounterFact facts at lambda 100 changes the
+    layer by about 61, a third of its norm; one fact with two targets under EMMET's equality
+    constraints gave 1,540. An update larger than the layer itself (conflicting requests, a
+    degenerate C0) overwrites what the layer stored.
     """
     if delta_norm > weight_norm:
         warning = (f"layer {layer}: the update's norm {delta_norm:.4g} exceeds the layer's own {weight_norm:.4g}: "
