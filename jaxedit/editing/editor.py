@@ -162,7 +162,8 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
                            f"(cond {float(report.cond):.3g}); added ridge {float(report.ridge_added):.3g} "
                            "(duplicated or dependent keys?)")
             logger.warning("%s", repairs[-1])
-        warning = preflight.check_update_norm(layer, norms[-1], float(jnp.linalg.norm(down_proj(params, layer))))
+        warning = preflight.check_update_norm(layer, norms[-1], float(jnp.linalg.norm(down_proj(params, layer))),
+                                              len(requests))
         if warning:
             warnings.append(warning)
     report = EditReport(method=method.name, layers=hparams.layers, case_ids=tuple(r.case_id for r in requests),

@@ -144,11 +144,14 @@ def test_update_out_of_proportion_is_flagged(setup, caplog):
     with caplog.at_level(logging.WARNING):
         _, report = editor.edit(params, cfg, tok, REQUESTS, hp(emmet_lambda=0.0, method="emmet"),
                                 covariances=covs, templates=GROUPS, values=huge)
-    assert len(report.warnings) == 1 and "exceeds the layer's own" in report.warnings[0]
+    assert len(report.warnings) == 1 and "exceeds sqrt(2) x the layer's own" in report.warnings[0]
     assert "overwrites the layer" in caplog.text and "WARNING" in report.summary()
     _, fine = editor.edit(params, cfg, tok, REQUESTS, hp(), covariances=covs, templates=GROUPS, values=values)
     assert fine.warnings == () and fine.repairs == ()
     assert preflight.check_update_norm(0, 1.0, 2.0) is None
+    # the rule scales with the batch: 3.9 x ||W|| is usual for 16 requests, not for 4
+    assert preflight.check_update_norm(0, 3.9, 1.0, n_requests=16) is None
+    assert "sqrt(4)" in preflight.check_update_norm(0, 3.9, 1.0, n_requests=4)
 
 
 # ------------------------------------------------------------------------------------- hparams
