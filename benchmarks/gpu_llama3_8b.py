@@ -197,7 +197,7 @@ def main(argv=None):
             continue
         seen.add(key)
         t0 = time.perf_counter()
-        jvalues.optimise_values.lower(params, cfg, b, jnp.int32(args.layer), hp0.value, "resid").compile()
+        jvalues.lower_values(params, cfg, b, args.layer, hp0.value, "resid").compile()
         comp += time.perf_counter() - t0
     t0 = time.perf_counter()
     vals = jax.block_until_ready(editor.edit_values(params, cfg, tok, requests, hp0, templates=g, chunk_size=chunk))

@@ -19,7 +19,7 @@ def compile_values(params, cfg, tokenizer, requests, hp: EditHparams, templates,
     t0 = time.perf_counter()
     for start in range(0, len(requests), chunk_size):
         batch = jvalues.build_value_batch(tokenizer, requests[start:start + chunk_size], flat(templates))
-        jvalues.optimise_values.lower(params, cfg, batch, jnp.int32(hp.layers[-1]), hp.value, site).compile()
+        jvalues.lower_values(params, cfg, batch, hp.layers[-1], hp.value, site).compile()
     return time.perf_counter() - t0
 
 

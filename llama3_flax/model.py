@@ -194,7 +194,8 @@ def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, query_block: 
 
 
 def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, first_layer: int | jax.Array = 0,
-                last_layer: int | jax.Array | None = None, per_layer: tuple = (), stop_after_last: bool = False):
+                last_layer: int | jax.Array | None = None, per_layer: tuple = (), stop_after_last: bool = False,
+                window: int | None = None):
     """The one loop over the stacked layers that every forward variant shares.
 
     Layer i runs `active(i, layer_params, carry, *per_layer_i)` when first_layer <= i <= last_layer
@@ -208,6 +209,14 @@ def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, fir
         count, so no step is spent on later layers, and a carry the loop updates in place). Then
         `skipped` is not used, ys are None, per_layer must be empty, and the loop cannot be
         differentiated in reverse mode (corpus statistics, not the value optimisation).
+      window: scan only the last `window` layers (static), without a conditional: a layer of the
+        window outside first_layer..last_layer runs `active` too and its result is discarded by a
+        select. For reverse-mode differentiation: a conditional inside a differentiated scan stacks
+        its operands (the layer's weights) as residuals at every layer, which more than doubles the
+        time of a small batch. The caller keeps first_layer >= num_hidden_layers - window, and pays
+        for the window's extra layers (see `layer_window`). params["layers"] and per_layer may hold
+        all layers or only the window's (`window_layers`: sliced once, outside a loop that runs
+        this one many times, since XLA copies the slice wherever it is taken).
     Returns:
       (final carry, ys stacked on a leading layer axis).
     """
@@ -225,6 +234,20 @@ def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, fir
         start = jnp.asarray(first_layer, jnp.int32)
         _, carry = jax.lax.while_loop(lambda state: state[0] <= last_layer, body, (start, carry))
         return carry, None
+
+    if window is not None:
+        if not 1 <= window <= cfg.num_hidden_layers:
+            raise ValueError(f"window={window}: must be 1..{cfg.num_hidden_layers} layers")
+        start = cfg.num_hidden_layers - window
+
+        def windowed_step(carry, xs):
+            i, lp, extra = xs
+            run = (i >= first_layer) & (i <= last_layer)
+            ran, kept = active(i, lp, carry, *extra), skipped(i, carry, *extra)
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(run, a, b), ran, kept)
+
+        tail, extra = window_layers(cfg, window, (params["layers"], tuple(per_layer)))
+        return jax.lax.scan(windowed_step, carry, (jnp.arange(start, cfg.num_hidden_layers), tail, extra))
 
     def step(carry, xs):
         i, lp, extra = xs
@@ -315,7 +338,8 @@ def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions:
 
 def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array,
                            bias: jax.Array, prefix, prefix_bias: jax.Array, *,
-                           first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None):
+                           first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
+                           window: int | None = None):
     """Runs layers on tokens that attend to each other and to a read-only cache of earlier tokens.
 
     Args:
@@ -323,6 +347,8 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
       bias: (B, 1, T, T) which of these tokens each one sees (math.attention_bias).
       prefix: (k, v), each (L, B, S, K, E): keys and values of the earlier tokens (e.g. from
         run_layers_cached); prefix_bias: (B, 1, T, S) which of them each token sees.
+      window: scan only the last `window` layers, without a conditional (scan_layers); for reverse-mode
+        differentiation, with first_layer inside the window (layer_window(cfg, first_layer)).
     Returns:
       h after last_layer.
 
@@ -337,8 +363,31 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
         return h, ()
 
     h, _ = scan_layers(params, cfg, h, active, lambda i, h, k, v: (h, ()), first_layer=first_layer,
-                       last_layer=last_layer, per_layer=tuple(prefix))
+                       last_layer=last_layer, per_layer=tuple(prefix), window=window)
     return h
+
+
+def window_layers(cfg: LlamaConfig, window: int, tree):
+    """The last `window` layers of every array in `tree` (leading axis: layers); arrays that already
+    hold only `window` layers are kept as they are."""
+    def last(x):
+        if x.shape[0] == window:
+            return x
+        if x.shape[0] != cfg.num_hidden_layers:
+            raise ValueError(f"a per-layer array of leading size {x.shape[0]}: expected "
+                             f"{cfg.num_hidden_layers} layers or a window of {window}")
+        return x[cfg.num_hidden_layers - window:]
+    return jax.tree_util.tree_map(last, tree)
+
+
+def layer_window(cfg: LlamaConfig, first_layer: int, step: int = 2) -> int:
+    """The scan window (static) that covers layers first_layer.. to the last: their count rounded up to
+    a multiple of `step` (at least `step`), so that a sweep over every layer compiles about L / step
+    programs and runs at most step - 1 discarded layers. first_layer may be L (no layer left)."""
+    if not 0 <= first_layer <= cfg.num_hidden_layers:
+        raise ValueError(f"first_layer={first_layer}: the model has layers 0..{cfg.num_hidden_layers - 1}")
+    count = cfg.num_hidden_layers - first_layer
+    return min(cfg.num_hidden_layers, max(step, -(-count // step) * step))
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llama3_flax.model import (Capture, embed, empty_kv_cache, final_hidden, rope_positions, run_layers,
-                               run_layers_cached, run_layers_over_prefix, unembedding)
+from llama3_flax.model import (Capture, embed, empty_kv_cache, final_hidden, layer_window, rope_positions,
+                               run_layers, run_layers_cached, run_layers_over_prefix, unembedding,
+                               window_layers)
 from llama3_flax import math as lm
 
 from jaxedit.cache import model_fingerprint
@@ -71,6 +72,8 @@ class ValueBatch:
     target_req, target_w: (M,) its request, and 1 / (len(target) * templates) (0 for padding slots):
       summing target_w * NLL per request gives the mean over templates of the mean-token NLL.
     kl_tok: (n,) the lane token of each request's KL position.
+    prefix_width: (static) the slots 0..prefix_width-1 hold every row's prefix (the slots before its
+      subject's last token): the later layers' caches are filled over these only.
     """
 
     tokens: jax.Array
@@ -84,23 +87,37 @@ class ValueBatch:
     target_req: jax.Array
     target_w: jax.Array
     kl_tok: jax.Array
+    prefix_width: int = flax.struct.field(pytree_node=False, default=0)
 
 
-def pack_suffixes(lengths: Sequence[int], lookup: Sequence[int], min_width: int = 8
+LANE_WIDTHS = (8, 12, 16, 24, 32)
+
+
+def pack_suffixes(lengths: Sequence[int], lookup: Sequence[int], widths: Sequence[int] = LANE_WIDTHS
                   ) -> tuple[SuffixLanes, np.ndarray]:
     """First-fit-decreasing packing of the rows' suffixes (slots lookup..length-1) into lanes.
 
-    min_width: lane width (widened to the longest suffix, rounded up to 8). Narrow lanes keep each
-    lane's prefix cache short (attention cost); the suffixes of a few tokens still pack tightly.
+    The lane width is the one of `widths` (or the longest suffix rounded up to 8, if longer) whose
+    packing runs the fewest token slots once the lane count is rounded up to a shape bucket; ties go
+    to the narrower lanes, whose prefix caches are shorter (attention cost). Trying several widths
+    keeps the padding of the bucketed lane count small at every batch size (one width alone leaves up
+    to a third of the slots empty just above a bucket boundary).
     Lane counts and cache lengths are rounded up so that similar batches share compilations.
     Returns the lanes and the flat lane-token index of each row's first suffix token.
     """
     suffix = [length - start for length, start in zip(lengths, lookup)]
-    width = max(min_width, bucket(max(suffix), 8))
-    lanes = first_fit_decreasing(suffix, width)  # rows of each lane
-    # Geometric buckets: a run of single edits compiles a few programs, not one per request.
-    n_lanes = bucket_geometric(len(lanes), 1)
-    cache_len = bucket_geometric(max(sum(lookup[r] for r in lane) for lane in lanes), 32)
+    longest = max(suffix)
+    candidates = sorted({w for w in widths if w >= longest} or {bucket(longest, 8)})
+    best = None
+    for w in candidates:
+        packed = first_fit_decreasing(suffix, w)  # rows of each lane
+        # Geometric buckets: a run of single edits compiles a few programs, not one per request.
+        n_lanes = bucket_geometric(len(packed), 1)
+        cache = bucket_geometric(max(sum(lookup[r] for r in lane) for lane in packed), 32)
+        key = (n_lanes * w, cache + w)
+        if best is None or key < best[0]:
+            best = key, w, packed, n_lanes, cache
+    _, width, lanes, n_lanes, cache_len = best
     shape, cshape = (n_lanes, width), (n_lanes, cache_len)
     row, slot, end, inject = (np.zeros(shape, np.int32) for _ in range(4))
     cache_row, cache_slot, cache_start, cache_end = (np.zeros(cshape, np.int32) for _ in range(4))
@@ -152,7 +169,8 @@ def build_value_batch(tokenizer, requests: Sequence[EditRequest], templates: Seq
     return ValueBatch(*(jnp.asarray(a, jnp.int32) for a in arrays), lanes=lanes,
                       target_tok=jnp.asarray(target_tok, jnp.int32), target_ids=jnp.asarray(target_ids, jnp.int32),
                       target_req=jnp.asarray(target_req, jnp.int32), target_w=jnp.asarray(target_w, jnp.float32),
-                      kl_tok=jnp.asarray(first_tok[kl_start:kl_start + n]))
+                      kl_tok=jnp.asarray(first_tok[kl_start:kl_start + n]),
+                      prefix_width=min(int(tokens.shape[1]), bucket_geometric(max(max(lookup), 1), 8)))
 
 
 def request_digest(request: EditRequest) -> str:
@@ -227,8 +245,9 @@ def _safe_norm(x):
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site"))
-def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, site: str) -> Values:
+@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site", "window"))
+def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, site: str,
+                    window: int | None = None) -> Values:
     """The batched value optimisation (losses as in the ROME/MEMIT reference implementations):
 
     loss_r = mean over r's rewriting prompts of the mean-token NLL of target_new
@@ -243,8 +262,13 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     no layer up to `layer` does. So one pass fills a key/value cache, and each step runs only the
     slots from the subject's last token on through the layers after `layer`, packed densely into
     lanes (batch.lanes) that attend to their rows' cached prefixes, masked to each row's own segment.
+
+    window: the last layers the differentiated loop scans (static; layer_window(cfg, layer + 1), so
+    that `layer` stays data and a few programs serve every layer). None: all layers. A window that
+    does not reach layer + 1 gives NaN values (which the editor refuses), never wrong ones.
     """
-    n = batch.kl_tok.shape[0]
+    window = cfg.num_hidden_layers if window is None else window
+    n, m = batch.kl_tok.shape[0], batch.target_tok.shape[0]
     rows, t = batch.tokens.shape
     lanes = batch.lanes
     capture = Capture(layers=jnp.reshape(layer, (1,)), positions=batch.lookup[:, None])
@@ -254,13 +278,16 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     init = outputs[0, batch.first_row, 0].astype(jnp.float32)  # (n, D)
     init_norm = jnp.linalg.norm(init, axis=-1)
 
-    # Fill the rows' caches of the later layers at delta = 0 (their slots before the subject stay
-    # valid), then copy each row's stretch into its lane.
+    # Fill the rows' caches of the later layers at delta = 0 over their prefixes (the slots before
+    # the subject's last token, valid at any delta), then copy each row's stretch into its lane.
     positions = rope_positions(batch.mask)
-    all_slots = jnp.broadcast_to(jnp.arange(t), (rows, t))
-    _, row_caches = run_layers_cached(params, cfg, h_layer, positions, all_slots, batch.mask,
-                                      empty_kv_cache(cfg, rows, t), first_layer=layer + 1)
-    prefix = tuple(c[:, lanes.cache_row, lanes.cache_slot] for c in row_caches)
+    p = batch.prefix_width or t
+    prefix_slots = jnp.broadcast_to(jnp.arange(p), (rows, p))
+    _, row_caches = run_layers_cached(params, cfg, h_layer[:, :p], positions[:, :p], prefix_slots,
+                                      batch.mask[:, :p], empty_kv_cache(cfg, rows, p), first_layer=layer + 1)
+    # Only the window's layers enter the loop, sliced here once (a slice inside it is copied per step).
+    prefix = window_layers(cfg, window, tuple(c[:, lanes.cache_row, lanes.cache_slot] for c in row_caches))
+    loop_params = {**params, "layers": window_layers(cfg, window, params["layers"])}
     n_lanes, width = lanes.row.shape
     lane_slots = jnp.broadcast_to(jnp.arange(width), (n_lanes, width))
     self_bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end)
@@ -277,13 +304,14 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
 
     def losses(delta, ref_kl, first):
         h = h_lanes + (lanes.inject[..., None] * delta[owner_lanes]).astype(h_lanes.dtype)
-        h = run_layers_over_prefix(params, cfg, h, pos_lanes, self_bias, prefix, prefix_bias,
-                                   first_layer=layer + 1)
+        h = run_layers_over_prefix(loop_params, cfg, h, pos_lanes, self_bias, prefix, prefix_bias,
+                                   first_layer=layer + 1, window=window)
         h = h.reshape(-1, d)
-        lp = log_probs(h[batch.target_tok])  # (M, V)
+        # one unembedding for the target and KL rows: at a small batch it is bound by reading (V, D)
+        lp = log_probs(h[jnp.concatenate([batch.target_tok, batch.kl_tok])])  # (M + n, V)
+        lp, kl_lp = lp[:m], lp[m:]
         tok_lp = jnp.take_along_axis(lp, batch.target_ids[:, None], axis=-1)[:, 0]
         nll = jax.ops.segment_sum(-tok_lp * batch.target_w, batch.target_req, num_segments=n)
-        kl_lp = log_probs(h[batch.kl_tok])  # (n, V)
         # The first evaluation is at delta = 0: its own distribution is the reference (KL and its
         # gradient are 0 there either way), which saves a separate reference pass.
         ref_kl = jnp.where(first, jax.lax.stop_gradient(kl_lp), ref_kl)
@@ -317,7 +345,15 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     state = (jnp.int32(0), zeros, opt.init(zeros), jnp.zeros(n, bool), jnp.zeros(n), jnp.zeros(n),
              jnp.zeros(n, jnp.int32), jnp.zeros((n, w_out.shape[0]), jnp.float32))
     _, delta, _, _, loss, nll, steps, _ = jax.lax.while_loop(cond, body, state)
+    covered = layer + 1 >= cfg.num_hidden_layers - window
+    delta = jnp.where(covered, delta, jnp.nan)
     return Values(target=init + delta, init=init, delta=delta, loss=loss, nll=nll, steps=steps)
+
+
+def lower_values(params, cfg, batch: ValueBatch, layer: int, hp: ValueHparams, site: str):
+    """optimise_values lowered for this batch's shapes as compute_values calls it (for compiling ahead
+    of time: `.compile()`)."""
+    return optimise_values.lower(params, cfg, batch, jnp.int32(layer), hp, site, window=layer_window(cfg, layer + 1))
 
 
 def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -342,6 +378,7 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
         lengths = np.asarray(jax.device_get(batch.mask)).sum(axis=1)
         check_lengths(lengths, cfg, f"a rewriting prompt (with its target) of case(s) {[r.case_id for r in chunk]}")
         check_token_ids(np.asarray(jax.device_get(batch.tokens)), cfg, "the value optimisation's prompts")
-        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site))
+        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site,
+                                     window=layer_window(cfg, layer + 1)))
     values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
     return values.replace(made_for=made_for)

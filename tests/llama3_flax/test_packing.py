@@ -74,6 +74,35 @@ def test_run_layers_over_prefix_equals_full_forward(setup, first_layer):
     np.testing.assert_allclose(np.asarray(h[0]), _hidden(cfg, params, seq)[n_prefix:], atol=TOL)
 
     # differentiable in the tokens' inputs, the prefix staying constant
-    grad = jax.grad(lambda x: jnp.sum(model.run_layers_over_prefix(
-        params, cfg, x, rest, bias, cache, prefix_bias, first_layer=first_layer) ** 2))(h_in[:, n_prefix:])
+    def loss(x, window=None):
+        return jnp.sum(model.run_layers_over_prefix(params, cfg, x, rest, bias, cache, prefix_bias,
+                                                    first_layer=first_layer, window=window) ** 2)
+    grad = jax.grad(loss)(h_in[:, n_prefix:])
     assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).max() > 0
+
+    # the conditional-free window (every window that covers first_layer, the layers sliced or not)
+    # gives the same outputs and gradients
+    for window in range(cfg.num_hidden_layers - first_layer, cfg.num_hidden_layers + 1):
+        h_w = model.run_layers_over_prefix(params, cfg, h_in[:, n_prefix:], rest, bias, cache, prefix_bias,
+                                           first_layer=first_layer, window=window)
+        np.testing.assert_allclose(np.asarray(h_w), np.asarray(h), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(jax.grad(loss)(h_in[:, n_prefix:], window)), np.asarray(grad),
+                                   rtol=1e-5, atol=1e-6)
+    sliced = {**params, "layers": model.window_layers(cfg, 2, params["layers"])}
+    if first_layer >= cfg.num_hidden_layers - 2:
+        h_s = model.run_layers_over_prefix(sliced, cfg, h_in[:, n_prefix:], rest, bias,
+                                           model.window_layers(cfg, 2, tuple(cache)), prefix_bias,
+                                           first_layer=first_layer, window=2)
+        np.testing.assert_allclose(np.asarray(h_s), np.asarray(h), atol=1e-6)
+
+
+def test_layer_window(setup):
+    cfg, _ = setup
+    L = cfg.num_hidden_layers
+    assert [model.layer_window(cfg, f, step=2) for f in range(L + 1)] == [min(L, max(2, -(-(L - f) // 2) * 2))
+                                                                          for f in range(L + 1)]
+    assert model.layer_window(cfg, 0) == L and model.layer_window(cfg, L - 1, step=1) == 1
+    with pytest.raises(ValueError, match="first_layer=-1"):
+        model.layer_window(cfg, -1)
+    with pytest.raises(ValueError, match="window=0"):
+        model.scan_layers({"layers": {}}, cfg, None, None, None, window=0)

@@ -8,7 +8,7 @@ import pytest
 from llama3_flax.model import Capture, Injection, forward
 from jaxedit.hparams import ValueHparams
 from jaxedit.requests import EditRequest
-from jaxedit.editing.values import compute_values, pack_suffixes
+from jaxedit.editing.values import build_value_batch, compute_values, optimise_values, pack_suffixes
 
 TEMPLATES = ("{}", "Once upon a time. {}", "Because of that, {}")
 REQUESTS = [
@@ -107,9 +107,21 @@ def test_value_errors(tiny_with_tokenizer):
         compute_values(params, cfg, tok, REQUESTS, TEMPLATES, 1, ValueHparams(), site="attn")
 
 
+def test_pack_suffixes_picks_the_width_with_fewest_slots():
+    # nine suffixes of 5 tokens: lanes of 8 hold one (9 lanes -> bucket 12: 96 slots), of 12 two
+    # (5 -> 6: 72), of 16 three (3: 48), of 24 four (3: 72), of 32 six (2: 64)
+    lanes, first = pack_suffixes([7] * 9, [2] * 9)
+    assert lanes.row.shape == (3, 16)
+    assert sorted(np.asarray(first).tolist()) == [0, 5, 10, 16, 21, 26, 32, 37, 42]
+    lanes, _ = pack_suffixes([7] * 9, [2] * 9, widths=(8, 12))
+    assert lanes.row.shape == (6, 12)
+    lanes, _ = pack_suffixes([40, 7], [2, 2])  # a suffix (38) longer than every width: rounded up to 8
+    assert lanes.row.shape == (2, 40)
+
+
 def test_pack_suffixes_places_every_suffix_token_once():
     lengths, lookup = [9, 6, 12, 5, 7, 4], [6, 2, 10, 4, 2, 1]  # suffixes 3, 4, 2, 1, 5, 3
-    lanes, first = pack_suffixes(lengths, lookup, min_width=8)
+    lanes, first = pack_suffixes(lengths, lookup, widths=(8,))
     row, slot, end = (np.asarray(x) for x in (lanes.row, lanes.slot, lanes.end))
     assert row.shape[1] == 8 and row.shape[0] == 3  # 18 tokens: 3 lanes (first fit); 3 is a geometric bucket
     real = end > 0
@@ -126,3 +138,19 @@ def test_pack_suffixes_places_every_suffix_token_once():
         mine = (np.asarray(lanes.cache_row)[lane] == r) & (np.asarray(lanes.cache_end)[lane] > 0)
         np.testing.assert_array_equal(np.asarray(lanes.cache_slot)[lane][mine], np.arange(lookup[r]))
         assert set(np.asarray(lanes.cache_start)[lane][mine].tolist()) == {i}
+
+
+def test_layer_window_never_changes_values(tiny_with_tokenizer):
+    """compute_values scans a window of the last layers: every window covering layer + 1 gives the
+    all-layers values; one that does not gives NaN (refused by the editor), never a wrong value."""
+    cfg, params, tok = tiny_with_tokenizer
+    hp = ValueHparams(v_num_grad_steps=4, v_lr=0.5)
+    layer = 0
+    batch = build_value_batch(tok, REQUESTS, TEMPLATES)
+    every = optimise_values(params, cfg, batch, jnp.int32(layer), hp, "resid", window=None)
+    vals = compute_values(params, cfg, tok, REQUESTS, TEMPLATES, layer, hp)
+    np.testing.assert_allclose(np.asarray(vals.delta), np.asarray(every.delta), rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(vals.delta)).max() > 0
+    short = optimise_values(params, cfg, batch, jnp.int32(layer), hp, "resid",
+                            window=cfg.num_hidden_layers - layer - 2)
+    assert np.all(np.isnan(np.asarray(short.delta)))
