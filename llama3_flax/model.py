@@ -367,6 +367,80 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
     return h
 
 
+RESTORE_RESID, RESTORE_MLP, RESTORE_ATTN = 0, 1, 2
+
+
+@flax.struct.dataclass
+class Restoration:
+    """States put back into a run (causal tracing), per row and token slot.
+
+    At token slots `slots` (B, P) of each row (slots < 0 are ignored; a row's slots are distinct), in
+    layers first..last (B, P) (inclusive), the output of `kind` (B, P) is replaced by
+    values[layer, source]:
+
+      RESTORE_RESID: the layer's residual output (h_out = value);
+      RESTORE_MLP:   the MLP output (h_out = h_mid + value);
+      RESTORE_ATTN:  the attention output (h_mid = h_in + value; the MLP runs on that).
+
+    values: (L, N, D), a table that source (B, P) indexes, so that many rows restoring the same state
+    share one copy. Kinds and layers are data: any mix of restorations runs in one program.
+    """
+
+    slots: jax.Array
+    kind: jax.Array
+    first: jax.Array
+    last: jax.Array
+    source: jax.Array
+    values: jax.Array
+
+
+def run_layers_restoring(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array, bias: jax.Array,
+                         restore: Restoration, prefix=None, prefix_bias: jax.Array | None = None,
+                         prefix_rows: jax.Array | None = None, *, first_layer: int | jax.Array = 0,
+                         last_layer: int | jax.Array | None = None):
+    """run_layers_over_prefix with states restored (Restoration) as the layers run.
+
+    Args:
+      h, positions, bias: as in run_layers_over_prefix.
+      restore: what to put back where.
+      prefix: (k, v), each (L, R, S, K, E), keys and values of earlier tokens, or None (the rows hold
+        whole sequences); prefix_bias (B, 1, T, S).
+      prefix_rows: (B,) the prefix row each row attends to (default: its own), taken one layer at a
+        time, so that many rows share a few cached prefixes without a copy of every layer's.
+    Returns:
+      h after last_layer.
+    """
+    t = h.shape[1]
+    cos, sin = lm.rope_angles(cfg, positions)
+    hits = restore.slots[..., None] == jnp.arange(t)  # (B, P, T)
+
+    def restored(i, kind, value):
+        """(B, T) where `kind` is restored at layer i, and the (B, T, D) values there (0 elsewhere)."""
+        on = hits & ((restore.kind == kind) & (restore.first <= i) & (i <= restore.last))[..., None]
+        dense = jnp.sum(jnp.where(on[..., None], value[:, :, None, :], 0), axis=1)  # exact: adds zeros
+        return jnp.any(on, axis=1)[..., None], dense
+
+    def active(i, lp, h, values, *kv):
+        value = values[restore.source].astype(h.dtype)  # (B, P, D)
+        block = None
+        if prefix is not None:
+            k, v = kv if prefix_rows is None else (kv[0][prefix_rows], kv[1][prefix_rows])
+            block = (k, v, prefix_bias)
+        h_mid, _ = attention_block(cfg, lp, h, cos, sin, bias, prefix=block)
+        on, dense = restored(i, RESTORE_ATTN, value)
+        h_mid = jnp.where(on, h + dense, h_mid)
+        h_out, _, _ = mlp_block(cfg, lp, h_mid)
+        on, dense = restored(i, RESTORE_MLP, value)
+        h_out = jnp.where(on, h_mid + dense, h_out)
+        on, dense = restored(i, RESTORE_RESID, value)
+        return jnp.where(on, dense, h_out), ()
+
+    per_layer = (restore.values,) + (() if prefix is None else tuple(prefix))
+    h, _ = scan_layers(params, cfg, h, active, lambda i, h, *_: (h, ()), first_layer=first_layer,
+                       last_layer=last_layer, per_layer=per_layer)
+    return h
+
+
 def window_layers(cfg: LlamaConfig, window: int, tree):
     """The last `window` layers of every array in `tree` (leading axis: layers); arrays that already
     hold only `window` layers are kept as they are."""
