@@ -1,5 +1,6 @@
-"""Sequential-batched sweep (Yoon et al. 2024, figs 4-6): MEMIT and EMMET applying --total edits in
-batches of B, one batch after another on the already-edited model.
+"""Sequential-batched sweep (Yoon et al. 2024, figs 4-6): MEMIT, EMMET (and AlphaEdit) applying --total
+edits in batches of B, one batch after another on the already-edited model. AlphaEdit carries the keys
+of earlier batches by itself (jaxedit.methods.Method.keeps_previous_keys).
 
 Two kinds of metrics, both recorded and labelled:
   * "after_batch": right after each batch, on that batch's cases only (one "type": "batch" record per
@@ -31,7 +32,8 @@ from experiments import sweep_plan
 from experiments import world
 
 flags.DEFINE_string("batch_sizes", "1,64,256,1024,4096", "comma-separated batch sizes (paper: 1,...,4096)")
-flags.DEFINE_string("methods", "memit,emmet", "comma-separated editors: memit, emmet (rome: batch size 1)")
+flags.DEFINE_string("methods", "memit,emmet", "comma-separated editors: memit, emmet, alphaedit (rome: batch "
+                    "size 1)")
 flags.DEFINE_integer("total", 4096, "edits per cell (the paper: 4096; a multiple of every batch size is best)")
 flags.DEFINE_integer("layer", None, "edit layer (default: the model preset's, SmolLM2: 3)")
 flags.DEFINE_boolean("preserve_previous_edits", False, "add earlier batches' keys to the preservation term "
@@ -71,6 +73,8 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: res
                 "final_all": records.aggregate_dict(res.aggregate), "final_cases": records.case_dicts(res.cases),
                 "after_batch_mean": records.aggregate_cases(rows), "before": before,
                 "hparams": {"mom2_update_weight": hp.mom2_update_weight, "emmet_lambda": hp.emmet_lambda,
+                            **({"nullspace_threshold": hp.nullspace_threshold, "l2": hp.l2}
+                               if hp.spec.uses_null_space else {}),
                             "v_steps": hp.value.v_num_grad_steps, "cov_samples": hp.covariance.n_samples},
                 "seconds": time.perf_counter() - t0})
     return res.aggregate

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from experiments import records, results_log
 from jaxedit.eval import intervals
+from jaxedit.methods import METHODS
 from jaxedit.eval.metrics import harmonic_mean
 
 flags.DEFINE_string("runs_dir", "runs", "folder with layer_sweep.jsonl, batch_sweep.jsonl, sequential_sweep.jsonl")
@@ -41,7 +42,7 @@ SHOWN = ("es", "ps", "ns", "s", "em", "pm", "nm")
 PLOTTED = ("es", "ps", "ns", "s")
 LABEL = {"es": "Efficacy score (ES)", "ps": "Paraphrase score (PS)", "ns": "Neighbourhood score (NS)",
          "s": "Overall score (S)", "em": "EM", "pm": "PM", "nm": "NM"}
-NAME = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
+NAME = {m.name: m.title for m in METHODS.values()}
 
 
 def _style_panel(ax, title: str, xlabel: str, log_x: bool = False, **title_kw):

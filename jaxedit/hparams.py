@@ -111,6 +111,8 @@ class EditHparams:
     layers: layers whose down_proj is edited (ROME and EMMET: one; MEMIT: one or several).
     mom2_update_weight: lambda, the weight of preservation (MEMIT and EMMET scale C0 by it).
     emmet_lambda: EMMET's ridge on K^T C^-1 K, keeping the equality-constrained solve stable.
+    nullspace_threshold: AlphaEdit: C0's eigenvalues below it span the directions the update may use.
+    l2: AlphaEdit's ridge on the update (the reference code's L2).
     """
 
     method: str
@@ -120,6 +122,8 @@ class EditHparams:
     covariance: CovarianceHparams = CovarianceHparams()
     mom2_update_weight: float = 15000.0
     emmet_lambda: float = 0.1
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
 
     def __post_init__(self):
         object.__setattr__(self, "method", method_named(self.method).name)
@@ -133,6 +137,8 @@ class EditHparams:
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
         _finite("EditHparams", "mom2_update_weight", self.mom2_update_weight, positive=True)
         _finite("EditHparams", "emmet_lambda", self.emmet_lambda, minimum=0.0)
+        _finite("EditHparams", "nullspace_threshold", self.nullspace_threshold, positive=True)
+        _finite("EditHparams", "l2", self.l2, positive=True)
 
     @property
     def spec(self) -> Method:
@@ -154,6 +160,14 @@ def reference_templates(method: str | Method) -> TemplateHparams:
 
 
 def _paper_llama3_8b(method: str) -> EditHparams:
+    if method_named(method).uses_null_space:
+        # AlphaEdit's authors (jianghoucheng/AlphaEdit, hparams/AlphaEdit/Llama3-8B.json): MEMIT's
+        # layers 4-8, 25 steps, v_lr 0.1, clamp 0.75, weight decay 0.5, kl 0.0625; threshold 2e-2, L2 10.
+        return EditHparams(method=method, layers=(4, 5, 6, 7, 8),
+                           value=ValueHparams(v_lr=0.1, v_weight_decay=0.5, clamp_norm_factor=0.75),
+                           templates=reference_templates(method),
+                           covariance=CovarianceHparams(n_samples=100000, max_length=512),
+                           nullspace_threshold=2e-2, l2=10.0)
     # Yoon et al. 2024: edit layer 1, 25 steps, v_lr 0.5, clamp 4, kl 0.0625, weight decay 1e-3,
     # loss at the last layer.
     return EditHparams(method=method, layers=(1,), value=ValueHparams(),
@@ -169,10 +183,15 @@ def _smollm2_135m(method: str) -> EditHparams:
     # samples): MEMIT's S was 86.8 at lambda 10-100, 81.4 at 1000 and 79.2 at 5000 (PS falls as
     # preservation grows), so MEMIT uses 100. EMMET's equality constraints reach ES 100 whatever
     # lambda; lambda only scales its ridge, kept at the paper's 15000 * 0.1.
+    # AlphaEdit: chosen on 32 CounterFact "train" cases (never reported; experiments/results/
+    # preset_validation_alphaedit.md): SmolLM2's layer-3 C0 has its eigenvalues in 0.0017-0.48, so the
+    # Llama-3 threshold 2e-2 leaves 1330 of 1536 directions; at l2 10 or 100 edits fail (ES 31-100),
+    # at l2 1 thresholds 1e-2 and 2e-2 tie on S 91.0 [84.3, 96.7] with NS at the unedited level.
+    null_space = {"nullspace_threshold": 1e-2, "l2": 1.0} if method_named(method).uses_null_space else {}
     return EditHparams(method=method, layers=(SMOLLM2_EDIT_LAYER,), value=ValueHparams(),
                        templates=reference_templates(method),
                        covariance=CovarianceHparams(n_samples=200, max_length=128),
-                       mom2_update_weight=_SMOLLM2_LAMBDA.get(method_named(method).name, 15000.0))
+                       mom2_update_weight=_SMOLLM2_LAMBDA.get(method_named(method).name, 15000.0), **null_space)
 
 
 # Layer sweep on SmolLM2 (experiments/results/layer_sweep.md): ES and PS are 100 at layers 0-20 for
@@ -182,7 +201,7 @@ SMOLLM2_EDIT_LAYER = 3
 
 
 def preset(model: str, method: str) -> EditHparams:
-    """Hparams for ("llama3-8b" | "smollm2-135m", "rome" | "memit" | "emmet")."""
+    """Hparams for ("llama3-8b" | "smollm2-135m", "rome" | "memit" | "emmet" | "alphaedit")."""
     makers = {"llama3-8b": _paper_llama3_8b, "smollm2-135m": _smollm2_135m}
     if model not in makers:
         raise ValueError(f"no hparams preset for model {model!r}; known: {sorted(makers)}")

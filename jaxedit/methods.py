@@ -1,4 +1,4 @@
-"""What distinguishes ROME, MEMIT and EMMET, in one frozen description per method.
+"""What distinguishes ROME, MEMIT, EMMET and AlphaEdit, in one frozen description per method.
 
 Every place that behaves differently per method asks its `Method` (`method("memit").site`, ...)
 instead of comparing names; a new method is one more entry in METHODS.
@@ -27,7 +27,11 @@ class Method:
         preservation) or "lambda_times_emmet_lambda_for_batches" (EMMET's stabilising ridge,
         none for a single edit).
       template_groups: the reference implementations' context templates, as (tokens, count) groups
-        after the bare "{}" (ROME: 10 of 5 tokens and 10 of 10; MEMIT and EMMET: 5 of 10).
+        after the bare "{}" (ROME: 10 of 5 tokens and 10 of 10; MEMIT, EMMET, AlphaEdit: 5 of 10).
+      update: "preservation" (the preservation-memorisation solve on C0 with the ridge above) or
+        "null_space" (AlphaEdit: least squares restricted to C0's null space, jaxedit.editing.pm).
+      keeps_previous_keys: sequential schedules hand each batch the keys written by earlier batches,
+        which the update keeps in place (AlphaEdit's K_p).
     """
 
     name: str
@@ -38,16 +42,23 @@ class Method:
     max_requests: int | None
     ridge_rule: Literal["zero", "lambda", "lambda_times_emmet_lambda_for_batches"]
     template_groups: tuple[tuple[int, int], ...]
+    update: Literal["preservation", "null_space"] = "preservation"
+    keeps_previous_keys: bool = False
 
     @property
     def uses_preservation_weight(self) -> bool:
         """Whether lambda (mom2_update_weight) changes the update (ROME's rank-one update does not
         depend on C0's scale)."""
-        return self.ridge_rule != "zero"
+        return self.ridge_rule != "zero" and self.update == "preservation"
 
     @property
     def uses_emmet_lambda(self) -> bool:
         return self.ridge_rule == "lambda_times_emmet_lambda_for_batches"
+
+    @property
+    def uses_null_space(self) -> bool:
+        """Whether the update needs C0's null space (nullspace_threshold and l2) instead of its factor."""
+        return self.update == "null_space"
 
     def ridge(self, mom2_update_weight: float, emmet_lambda: float, n_requests: int) -> float:
         """The ridge of the preservation-memorisation solve on the unscaled C0 (jaxedit.editing.pm)."""
@@ -76,12 +87,18 @@ MEMIT = Method(name="memit", title="MEMIT", site="resid", grouped_templates=True
 EMMET = Method(name="emmet", title="EMMET", site="resid", grouped_templates=True, max_layers=1,
                max_requests=None, ridge_rule="lambda_times_emmet_lambda_for_batches",
                template_groups=((10, 5),))
+# AlphaEdit (Fang et al. 2025): MEMIT's keys, values and layer spreading, the update projected onto
+# C0's null space, earlier edits' keys kept (jianghoucheng/AlphaEdit, AlphaEdit_main.py).
+ALPHAEDIT = Method(name="alphaedit", title="AlphaEdit", site="resid", grouped_templates=True, max_layers=None,
+                   max_requests=None, ridge_rule="zero", template_groups=((10, 5),), update="null_space",
+                   keeps_previous_keys=True)
 
-METHODS = {m.name: m for m in (ROME, MEMIT, EMMET)}
+METHODS = {m.name: m for m in (ROME, MEMIT, EMMET, ALPHAEDIT)}
 
 
 def method(name: str | Method) -> Method:
-    """The Method called `name` ("rome", "memit", "emmet"; case-insensitive); a Method passes through."""
+    """The Method called `name` ("rome", "memit", "emmet", "alphaedit"; case-insensitive); a Method
+    passes through."""
     if isinstance(name, Method):
         return name
     if not isinstance(name, str) or name.lower() not in METHODS:

@@ -72,9 +72,17 @@ def with_previous_keys(C0: Union[jax.Array, np.ndarray], previous_keys: jax.Arra
     return jnp.asarray(C0, jnp.float32) + (k @ k.T) / lam
 
 
-def layer_update(hparams: EditHparams, C, K: jax.Array, R: jax.Array) -> tuple[jax.Array, pm.PMReport]:
-    """The method's update of one layer: dW (D, F) for keys K (F, n) and residuals R (D, n) on the
-    preservation matrix C (F, F) or its pm.factor_preservation, with the method's ridge."""
+def layer_update(hparams: EditHparams, C, K: jax.Array, R: jax.Array, previous_keys: jax.Array | None = None
+                 ) -> tuple[jax.Array, pm.PMReport]:
+    """The method's update of one layer: dW (D, F) for keys K (F, n) and residuals R (D, n).
+
+    C: the preservation matrix C0 (F, F), or what the method solves with: pm.factor_preservation(C0)
+    (ROME, MEMIT, EMMET: the method's ridge) or pm.null_space(C0, threshold) (AlphaEdit, which also
+    keeps previous_keys (F, m), the keys earlier edits wrote, in place)."""
+    if hparams.spec.uses_null_space:
+        if not isinstance(C, pm.NullSpace):
+            C = pm.null_space(jnp.asarray(C), hparams.nullspace_threshold)
+        return pm.alphaedit_delta(C, K, R, hparams.l2, previous_keys=previous_keys)
     if not isinstance(C, pm.Preservation):
         C = pm.factor_preservation(jnp.asarray(C))
     ridge = hparams.spec.ridge(hparams.mom2_update_weight, hparams.emmet_lambda, int(K.shape[1]))
@@ -100,18 +108,21 @@ def _values_for(params, cfg, requests, hparams: EditHparams) -> ValuesFor:
 
 def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditHparams, *,
          covariances: Covariances, templates, values: Values | None = None, value_chunk_size: int = 64,
-         allow_jitter: bool = False):
+         allow_jitter: bool = False, previous_keys: Mapping[int, jax.Array] | None = None):
     """Applies hparams.method to a batch of requests. Returns (new params, EditReport).
 
     Args:
       params: the model's parameter tree (never modified).
       requests: EditRequests (ROME: exactly one; see hparams.spec, the jaxedit.methods.Method).
-      covariances: {layer: C0 (F, F) or pm.factor_preservation(C0)} for every edited layer.
+      covariances: {layer: C0 (F, F)} for every edited layer, or what the method solves with:
+        pm.factor_preservation(C0) (ROME, MEMIT, EMMET) or a pm.NullSpace (AlphaEdit).
       templates: context template groups from jaxedit.editing.templates.context_templates (ROME averages keys
         over all its templates; MEMIT/EMMET within each group, then across groups).
       values: target values from edit_values for exactly these requests, layer, site and model
         (refused otherwise); None computes them.
       allow_jitter: accept a semi-definite C0 with a diagonal jitter (reported in EditReport.repairs).
+      previous_keys: AlphaEdit: {layer: (F, m) keys written by earlier edits}, kept in place (the
+        sequential schedules pass them); refused for the other methods.
     Raises:
       ValueError before any expensive work: bad requests, layers, templates, C0 or values.
     """
@@ -122,8 +133,15 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
     method.check_requests(len(requests))
     check_tokenizer(tokenizer, cfg)
     templates = preflight.check_template_groups(templates)
-    factors, repairs = preflight.preservation_factors(covariances, hparams.layers, cfg.intermediate_size,
-                                                      allow_jitter=allow_jitter)
+    warnings: list[str] = []
+    if method.uses_null_space:
+        factors, warnings = preflight.null_spaces(covariances, hparams.layers, cfg.intermediate_size,
+                                                  hparams.nullspace_threshold)
+        repairs = []
+    else:
+        factors, repairs = preflight.preservation_factors(covariances, hparams.layers, cfg.intermediate_size,
+                                                          allow_jitter=allow_jitter)
+    previous_keys = _checked_previous_keys(previous_keys, method, hparams.layers, cfg.intermediate_size)
     if values is not None:
         _check_values(values, _values_for(params, cfg, requests, hparams), cfg)
     groups = tuple(templates) if method.grouped_templates else (flat(templates),)
@@ -137,7 +155,7 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
     values = jax.block_until_ready(values)
     seconds["values"] = time.perf_counter() - t0
 
-    new, solves, norms, written, warnings = params, [], [], [], []
+    new, solves, norms, written = params, [], [], []
     for i, layer in enumerate(hparams.layers):
         t0 = time.perf_counter()
         K = keys_at_layers(new, cfg, tokenizer, requests, groups, [layer])[0].T  # (F, n)
@@ -147,7 +165,7 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
         K, R = jax.block_until_ready((K, R))
         seconds["keys"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        dW, report = layer_update(hparams, factors[layer], K, R)
+        dW, report = layer_update(hparams, factors[layer], K, R, previous_keys.get(layer))
         if not bool(report.ok):
             raise FloatingPointError(f"{method.title} solve failed at layer {layer} (preservation matrix not "
                                      f"factorable, cond ~ {float(report.preservation_cond):.3g})")
@@ -170,6 +188,23 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
                         values=values, solves=tuple(solves), keys=tuple(written), delta_norms=tuple(norms),
                         seconds=seconds, repairs=tuple(repairs), warnings=tuple(warnings))
     return new, report
+
+
+def _checked_previous_keys(previous_keys, method, layers, size: int) -> dict:
+    if not previous_keys:
+        return {}
+    if not method.keeps_previous_keys:
+        raise ValueError(f"{method.title} does not take previous_keys (AlphaEdit does); MEMIT and EMMET keep "
+                         "earlier edits through the preservation matrix (schedule preserve_previous_edits)")
+    out = {}
+    for layer, k in previous_keys.items():
+        if layer not in layers:
+            raise ValueError(f"previous_keys for layer {layer}, which this edit does not change (layers {layers})")
+        if np.ndim(k) != 2 or np.shape(k)[0] != size:
+            raise ValueError(f"previous_keys of layer {layer} must be (F, m) with F = {size}, got shape "
+                             f"{tuple(np.shape(k))}")
+        out[layer] = jnp.asarray(k, jnp.float32)
+    return out
 
 
 def _check_values(values: Values, expected: ValuesFor, cfg) -> None:
@@ -206,3 +241,4 @@ def _named_editor(name: str):
 rome = _named_editor("rome")
 memit = _named_editor("memit")
 emmet = _named_editor("emmet")
+alphaedit = _named_editor("alphaedit")

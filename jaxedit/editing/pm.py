@@ -430,3 +430,130 @@ def spread_residual(targets: jax.Array, layer_position: int | jax.Array, num_lay
         raise ValueError(f"layer_position {layer_position} must be in [0, num_layers={num_layers})")
     remaining = jnp.asarray(num_layers) - jnp.asarray(layer_position)
     return targets / remaining.astype(targets.dtype)
+
+
+# ------------------------------------------------------------------ null-space update
+@flax.struct.dataclass
+class NullSpace:
+    """The directions of key space that the preserved keys hardly use, for AlphaEdit.
+
+    The eigendecomposition C0 = Q diag(eigenvalues) Q^T in float64; `null` marks the eigenvectors
+    whose eigenvalue lies below the threshold. P = Q_null Q_null^T projects onto their span: an update
+    dW = X P changes W k by dW k = X P k, at most threshold-sized for the keys C0 summarises
+    (||dW K0||^2 / N = tr(X P C0 P X^T) <= threshold ||X||^2). Shapes stay (F, F) and (F,) whatever
+    the rank, so one compiled solve serves every layer and threshold.
+
+    Attributes:
+      eigenvectors: (F, F) float64 Q, one eigenvector per column.
+      eigenvalues: (F,) float64, ascending.
+      null: (F,) bool, eigenvalues < threshold.
+      threshold: () float64.
+    """
+
+    eigenvectors: jax.Array
+    eigenvalues: jax.Array
+    null: jax.Array
+    threshold: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.eigenvectors.shape[-1]
+
+    @property
+    def rank(self) -> int:
+        """How many directions the update may use (the dimension of the null space)."""
+        return int(np.sum(np.asarray(self.null)))
+
+    def with_threshold(self, threshold: float) -> "NullSpace":
+        """The same eigendecomposition cut at another threshold (no new eigendecomposition)."""
+        with jax.enable_x64(True):
+            t = jnp.asarray(threshold, jnp.float64)
+            return self.replace(null=self.eigenvalues < t, threshold=t)
+
+
+def eigen_preservation(C0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(eigenvalues ascending (F,), eigenvectors (F, F)) of the symmetrised C0, in float64."""
+    _symmetric_check(C0, "C0")
+    return _float64_call(_eigh, C0)
+
+
+@jax.jit
+def _eigh(C0):
+    with jax.enable_x64(True):
+        c = C0.astype(jnp.float64)
+        return jnp.linalg.eigh(0.5 * (c + c.T))
+
+
+def null_space(C0: jax.Array, threshold: float, *, eigen: tuple | None = None) -> NullSpace:
+    """The NullSpace of C0 (F, F) at `threshold` (the AlphaEdit reference code's nullspace_threshold:
+    eigenvalues of the uncentred key covariance E[k k^T] below it). eigen: a precomputed
+    `eigen_preservation(C0)` (e.g. from a cache) instead of a new eigendecomposition."""
+    if not np.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"the null-space threshold must be a finite number > 0, got {threshold}")
+    evals, evecs = eigen_preservation(C0) if eigen is None else eigen
+    with jax.enable_x64(True):
+        evals = jnp.asarray(evals, jnp.float64)
+        evecs = jnp.asarray(evecs, jnp.float64)
+        t = jnp.asarray(threshold, jnp.float64)
+        return NullSpace(eigenvectors=evecs, eigenvalues=evals, null=evals < t, threshold=t)
+
+
+def alphaedit_delta(space: NullSpace, K: jax.Array, R: jax.Array, l2: float | jax.Array, *,
+                    previous_keys: jax.Array | None = None, mask: jax.Array | None = None
+                    ) -> tuple[jax.Array, PMReport]:
+    """AlphaEdit's update dW = R K^T P (K K^T P + K_p K_p^T P + l2 I)^-1, in float64.
+
+    With P = U U^T (U: the null-space eigenvectors) and the push-through identity, this is
+
+        dW = R (U^T K)^T (l2 I + U^T (K K^T + K_p K_p^T) U)^-1 U^T,
+
+    the least-squares update restricted to the null space: minimise ||dW K - R||^2 + ||dW K_p||^2
+    + l2 ||dW||^2 over dW = X U^T. The system is solved in the full eigenbasis with the directions
+    outside the null space decoupled (their rows hold l2 alone), so its shape is (F, F) whatever the
+    rank; its eigenvalues lie in [l2, l2 + ||U^T A U||], so it is well conditioned for l2 > 0 and
+    never singular: no NaN.
+
+    Args:
+      space: `null_space(C0, threshold)` of the edited layer.
+      K: (F, n) keys; R: (D, n) residuals of this layer (`spread_residual`).
+      l2: the ridge (the reference code's L2), > 0.
+      previous_keys: (F, m) keys written by earlier edits (sequential editing), kept in place.
+      mask: optional (n,) validity of K's columns (padding).
+    Returns:
+      (dW (D, F) float32, PMReport): cond is that of the (F, F) system, ridge_added 0.
+    """
+    _check_shapes(space.size, K, R, mask)
+    if previous_keys is not None and (np.ndim(previous_keys) != 2 or np.shape(previous_keys)[0] != space.size):
+        raise ValueError(f"previous keys must be a (F, m) matrix with F = {space.size}, got shape "
+                         f"{tuple(np.shape(previous_keys))}")
+    if previous_keys is None:
+        previous_keys = np.zeros((space.size, 0), np.float32)
+    return _float64_call(_alphaedit_solve, space, K, R, l2, previous_keys, mask)
+
+
+def _eigen_cond(evals):
+    return jnp.where(evals[0] > 0, evals[-1] / jnp.where(evals[0] > 0, evals[0], 1.0), jnp.inf)
+
+
+@jax.jit
+def _alphaedit_solve(space, K, R, l2, previous_keys, mask):
+    n = K.shape[1]
+    with jax.enable_x64(True):
+        q = space.eigenvectors.astype(jnp.float64)
+        null = space.null.astype(jnp.float64)
+        valid = jnp.ones((n,), bool) if mask is None else mask.astype(bool)
+        k = jnp.where(valid[None, :], K.astype(jnp.float64), 0.0)
+        r = jnp.where(valid[None, :], R.astype(jnp.float64), 0.0)
+        l2 = jnp.asarray(l2, jnp.float64)
+        gk = null[:, None] * (q.T @ k)                                   # (F, n)  U^T K, in the eigenbasis
+        gp = null[:, None] * (q.T @ previous_keys.astype(jnp.float64))   # (F, m)
+        system = gk @ gk.T + gp @ gp.T + l2 * jnp.eye(q.shape[0], dtype=jnp.float64)
+        chol = jnp.linalg.cholesky(system)
+        y = solve_triangular(chol, solve_triangular(chol, gk, lower=True), lower=True, trans="T")  # (F, n)
+        dw = (r @ y.T) @ (null[:, None] * q.T)                           # (D, F)
+        cond = _condition_estimate(system, chol, 32)
+        ok = (l2 > 0) & jnp.all(jnp.isfinite(dw))
+        dw = jnp.where(ok, dw, 0.0).astype(jnp.float32)
+        report = PMReport(cond=cond.astype(jnp.float32), ridge_added=jnp.float32(0.0), regularised=jnp.bool_(False),
+                          ok=ok, preservation_cond=_eigen_cond(space.eigenvalues).astype(jnp.float32))
+    return dw, report

@@ -45,6 +45,63 @@ def check_template_groups(groups) -> tuple[tuple[str, ...], ...]:
     return tuple(out)
 
 
+def _check_layers_present(covariances: Mapping, layers: Sequence[int]) -> None:
+    missing = [l for l in layers if l not in covariances]
+    if missing:
+        raise ValueError(f"no preservation covariance for layer(s) {missing}; have {sorted(covariances)}")
+
+
+def checked_covariance(c, layer: int, size: int):
+    """C0 of `layer` as a jax array, or ValueError: wrong shape, NaN/inf, all zeros."""
+    shape = tuple(np.shape(c))
+    if shape != (size, size):
+        raise ValueError(f"the preservation covariance of layer {layer} has shape {shape}; the model's "
+                         f"MLP width needs ({size}, {size})")
+    c = jnp.asarray(c)
+    if not bool(jnp.all(jnp.isfinite(c))):
+        raise ValueError(f"the preservation covariance of layer {layer} contains NaN or inf")
+    if not bool(jnp.any(c != 0)):
+        raise ValueError(f"the preservation covariance of layer {layer} is all zeros (a covariance of no "
+                         "tokens?)")
+    return c
+
+
+def null_spaces(covariances: Mapping, layers: Sequence[int], size: int, threshold: float
+                ) -> tuple[dict[int, pm.NullSpace], list[str]]:
+    """AlphaEdit's null space of every edited layer at `threshold`.
+
+    Args:
+      covariances: {layer: C0 (F, F) or pm.NullSpace (e.g. from jaxedit.editing.null_space, cached)};
+        a NullSpace cut at another threshold is re-cut at this one.
+    Returns:
+      ({layer: NullSpace}, warnings: sentences for EditReport.warnings).
+    Raises:
+      ValueError: a layer without C0, a bad C0 (see checked_covariance), a NullSpace of another size,
+        or a threshold under every eigenvalue (no direction left to edit).
+    """
+    _check_layers_present(covariances, layers)
+    spaces, warnings = {}, []
+    for layer in layers:
+        c = covariances[layer]
+        if isinstance(c, pm.NullSpace):
+            if c.size != size:
+                raise ValueError(f"the null space of layer {layer} is for F = {c.size}; the model has F = {size}")
+            space = c.with_threshold(threshold)
+        else:
+            space = pm.null_space(checked_covariance(c, layer, size), threshold)
+        rank, smallest = space.rank, float(space.eigenvalues[0])
+        if rank == 0:
+            raise ValueError(f"layer {layer}: no eigenvalue of C0 is below the null-space threshold {threshold:g} "
+                             f"(the smallest is {smallest:.3g}), so AlphaEdit has no direction to edit in; raise "
+                             "nullspace_threshold")
+        if rank == size:
+            warnings.append(f"layer {layer}: every eigenvalue of C0 is below the null-space threshold {threshold:g} "
+                            f"(the largest is {float(space.eigenvalues[-1]):.3g}): the update preserves nothing")
+            logger.warning("%s", warnings[-1])
+        spaces[layer] = space
+    return spaces, warnings
+
+
 def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int, *,
                          allow_jitter: bool = False) -> tuple[dict[int, pm.Preservation], list[str]]:
     """Checks and factors the preservation matrix of every edited layer.
@@ -61,23 +118,12 @@ def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int,
       ValueError: a layer without C0, a wrong shape, NaN/inf, an all-zero C0, or a C0 that is not
         positive definite (unless allow_jitter) or cannot be factored at all.
     """
-    missing = [l for l in layers if l not in covariances]
-    if missing:
-        raise ValueError(f"no preservation covariance for layer(s) {missing}; have {sorted(covariances)}")
+    _check_layers_present(covariances, layers)
     factors, repairs = {}, []
     for layer in layers:
         c = covariances[layer]
         if not isinstance(c, pm.Preservation):
-            shape = tuple(np.shape(c))
-            if shape != (size, size):
-                raise ValueError(f"the preservation covariance of layer {layer} has shape {shape}; the model's "
-                                 f"MLP width needs ({size}, {size})")
-            c = jnp.asarray(c)
-            if not bool(jnp.all(jnp.isfinite(c))):
-                raise ValueError(f"the preservation covariance of layer {layer} contains NaN or inf")
-            if not bool(jnp.any(c != 0)):
-                raise ValueError(f"the preservation covariance of layer {layer} is all zeros (a covariance of no "
-                                 "tokens?)")
+            c = checked_covariance(c, layer, size)
             c = pm.factor_preservation(c, max_relative_jitter=MAX_RELATIVE_JITTER if allow_jitter else 0.0)
         elif c.size != size:
             raise ValueError(f"the preservation factor of layer {layer} is for F = {c.size}; the model has F = {size}")

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxedit.editing import pm
+from jaxedit.editing import pm, preflight
 from jaxedit.editing.editor import EditReport, edit, with_previous_keys
 from jaxedit.hparams import EditHparams
 from jaxedit.requests import EditRequest, validate_batch
@@ -37,7 +37,9 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
 
     Args:
       preserve_previous_edits: add the keys written by earlier batches to the preservation term
-        (C0 + K_prev K_prev^T / lambda), so later batches keep earlier edits in place.
+        (C0 + K_prev K_prev^T / lambda), so later batches keep earlier edits in place. AlphaEdit
+        always does (its update keeps the earlier keys K_p in place; the method says so:
+        Method.keeps_previous_keys), with C0's null space computed once.
       after_batch: called as after_batch(index, params, batch, report) right after each batch (e.g. to
         measure metrics then); its return value is kept in BatchOutcome.extra.
     Returns:
@@ -46,12 +48,21 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
     requests = validate_batch(requests, one_batch=False)  # a later batch may overwrite an earlier fact
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    hparams.spec.check_requests(batch_size)
-    # Factor C0 once per layer unless earlier keys change the preservation matrix every batch.
-    fixed = {l: c if isinstance(c, pm.Preservation) else pm.factor_preservation(jnp.asarray(c))
-             for l, c in covariances.items()} if not preserve_previous_edits else None
-    if preserve_previous_edits and any(isinstance(c, pm.Preservation) for c in covariances.values()):
-        raise ValueError("preserve_previous_edits needs the covariance matrices C0, not their factors")
+    method = hparams.spec
+    method.check_requests(batch_size)
+    if method.keeps_previous_keys:
+        if preserve_previous_edits:
+            raise ValueError(f"{method.title} keeps earlier edits' keys by itself: preserve_previous_edits is for "
+                             "MEMIT and EMMET")
+        fixed, _ = preflight.null_spaces(covariances, hparams.layers, cfg.intermediate_size,
+                                         hparams.nullspace_threshold)
+    elif not preserve_previous_edits:  # factor C0 once per layer
+        fixed = {l: c if isinstance(c, pm.Preservation) else pm.factor_preservation(jnp.asarray(c))
+                 for l, c in covariances.items()}
+    else:  # earlier keys change the preservation matrix every batch
+        fixed = None
+        if any(isinstance(c, pm.Preservation) for c in covariances.values()):
+            raise ValueError("preserve_previous_edits needs the covariance matrices C0, not their factors")
     previous: dict[int, list] = {l: [] for l in hparams.layers}
     outcomes = []
     batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
@@ -63,8 +74,10 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
             covs = {l: (with_previous_keys(covariances[l], jnp.concatenate(previous[l], axis=1),
                                            hparams.mom2_update_weight) if previous[l] else covariances[l])
                     for l in hparams.layers}
+        carried = ({l: jnp.concatenate(previous[l], axis=1) for l in hparams.layers if previous[l]}
+                   if method.keeps_previous_keys else None)
         params, report = edit(params, cfg, tokenizer, batch, hparams, covariances=covs, templates=templates,
-                              **kwargs)
+                              previous_keys=carried, **kwargs)
         for layer, keys in zip(hparams.layers, report.keys):
             previous[layer].append(keys)
         extra = after_batch(index, params, batch, report) if after_batch is not None else None

@@ -3,11 +3,12 @@
 Hyperparameters
 ---------------
 `read_hparams` / `import_hparams` read, as they are, the files of
-  * EasyEdit (zjunlp/EasyEdit, hparams/{ROME,MEMIT,EMMET}/*.yaml: with `alg_name`, `model_name`,
+  * EasyEdit (zjunlp/EasyEdit, hparams/{ROME,MEMIT,EMMET,AlphaEdit}/*.yaml: with `alg_name`, `model_name`,
     `device`, `stats_dir`, ...; numbers such as `5e-1` that YAML 1.1 leaves as strings are read as
     numbers, as EasyEdit does), and
-  * the ROME / MEMIT / EMMET reference repositories (kmeng01/rome, kmeng01/memit,
-    scalable-model-editing/unified-model-editing, hparams/{ROME,MEMIT,EMMET}/*.json: no `alg_name`;
+  * the ROME / MEMIT / EMMET / AlphaEdit reference repositories (kmeng01/rome, kmeng01/memit,
+    scalable-model-editing/unified-model-editing, jianghoucheng/AlphaEdit,
+    hparams/{ROME,MEMIT,EMMET,AlphaEdit}/*.json: no `alg_name`;
     the method comes from the `method` argument or the file's folder name),
 into a `jaxedit.hparams.EditHparams`. Every field is either used, checked to have the only value
 jaxedit implements, or accepted as purely technical (devices, module paths, where statistics are
@@ -41,7 +42,7 @@ class UnsupportedHparams(ValueError):
 TECHNICAL_FIELDS = frozenset({
     "alg_name", "model_name", "device", "model_parallel", "stats_dir", "layer_module_tmp",
     "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "max_length", "batch_size",
-    "fp16", "calculate_objective_value", "dynamic_multiplier",
+    "fp16", "calculate_objective_value", "dynamic_multiplier", "P_loc",
 })
 
 # Corpus names of the reference tools -> jaxedit.editing.covariance corpus ids (hub "name:config").
@@ -116,14 +117,14 @@ def _method_from(data: Mapping, method: str | None, path: Path | None) -> str:
     if path is not None and not candidates and path.parent.name.lower() in METHODS:
         candidates.append(("folder", path.parent.name))
     if not candidates:
-        raise ValueError(f"{path or 'hparams'}: cannot tell the method (no alg_name, no ROME/MEMIT/EMMET folder); "
-                         "pass method='rome'|'memit'|'emmet'")
+        raise ValueError(f"{path or 'hparams'}: cannot tell the method (no alg_name, no ROME/MEMIT/EMMET/AlphaEdit "
+                         "folder); pass method='rome'|'memit'|'emmet'|'alphaedit'")
     lowered = {c[1].lower() for c in candidates}
     if len(lowered) > 1:
         raise ValueError(f"{path or 'hparams'}: conflicting methods " + ", ".join(f"{w}={m!r}" for w, m in candidates))
     m = lowered.pop()
     if m not in METHODS:
-        raise UnsupportedHparams(f"alg_name={candidates[0][1]!r}: jaxedit implements ROME, MEMIT and EMMET only")
+        raise UnsupportedHparams(f"alg_name={candidates[0][1]!r}: jaxedit implements ROME, MEMIT, EMMET and AlphaEdit only")
     return m
 
 
@@ -164,7 +165,8 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
     """EditHparams from a mapping in the tools' field names (see the module docstring).
 
     Args:
-      method: "rome" | "memit" | "emmet" when the mapping has no alg_name (must agree if it has).
+      method: "rome" | "memit" | "emmet" | "alphaedit" when the mapping has no alg_name (must agree if
+        it has).
       cfg / num_layers: the model the hparams are for; with it, layers and v_loss_layer are checked.
       base: where settings the file does not carry come from (default: EditHparams' defaults, with the
         method's template groups).
@@ -262,6 +264,15 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
         else:
             ignored.append("emmet_lambda")
 
+    for field, name in (("nullspace_threshold", "nullspace_threshold"), ("L2", "l2")):
+        if field in data and (x := number(field, float)) is not None:
+            if x <= 0:
+                problem(field, "must be > 0")
+            elif method_named(m).uses_null_space:
+                top[name] = x
+            else:
+                ignored.append(field)
+
     # --- templates
     templates = base.templates
     if "context_template_length_params" in data:
@@ -309,10 +320,15 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
         defaults.append("mom2_update_weight")
     if method_named(m).uses_emmet_lambda and "emmet_lambda" not in data:
         defaults.append("emmet_lambda")
+    if method_named(m).uses_null_space:
+        defaults += [name for name, field in (("nullspace_threshold", "nullspace_threshold"), ("l2", "L2"))
+                     if field not in data]
     try:
         hp = EditHparams(method=m, layers=layers, value=value, templates=templates, covariance=covariance,
                          mom2_update_weight=top.get("mom2_update_weight", base.mom2_update_weight),
-                         emmet_lambda=top.get("emmet_lambda", base.emmet_lambda))
+                         emmet_lambda=top.get("emmet_lambda", base.emmet_lambda),
+                         nullspace_threshold=top.get("nullspace_threshold", base.nullspace_threshold),
+                         l2=top.get("l2", base.l2))
     except ValueError as e:
         raise UnsupportedHparams(f"{source}: {e}") from e
     return ImportedHparams(hparams=hp, source=source, format=fmt,
@@ -369,6 +385,8 @@ def hparams_to_dict(hp: EditHparams, cfg: LlamaConfig, *, fmt: str = "easyedit",
     out.update(mom2_dataset=corpus, mom2_n_samples=hp.covariance.n_samples, mom2_dtype="float32")
     if hp.spec.uses_emmet_lambda:
         out.update(update_norm_lambda=0, emmet_lambda=hp.emmet_lambda)
+    if hp.spec.uses_null_space:
+        out.update(nullspace_threshold=hp.nullspace_threshold, L2=hp.l2)
     if fmt == "easyedit":
         out["model_parallel"] = False
     return out

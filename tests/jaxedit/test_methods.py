@@ -7,7 +7,7 @@ from jaxedit.hparams import EditHparams, preset
 
 def test_methods_by_name():
     assert methods.method("MEMIT") is methods.MEMIT and methods.method(methods.ROME) is methods.ROME
-    assert sorted(methods.METHODS) == ["emmet", "memit", "rome"]
+    assert sorted(methods.METHODS) == ["alphaedit", "emmet", "memit", "rome"]
     with pytest.raises(ValueError, match="unknown editing method 'ft'"):
         methods.method("ft")
 
@@ -30,10 +30,14 @@ def test_ridge_rules():
     assert methods.EMMET.ridge(15000.0, 0.1, 1) == 0.0  # equality constraints for one edit
     assert methods.EMMET.ridge(15000.0, 0.1, 2) == pytest.approx(1500.0)
     assert not methods.ROME.uses_preservation_weight and methods.EMMET.uses_emmet_lambda
+    # AlphaEdit: the null-space update, which takes no lambda, and keeps earlier keys in sequence
+    assert methods.ALPHAEDIT.uses_null_space and not methods.ALPHAEDIT.uses_preservation_weight
+    assert methods.ALPHAEDIT.keeps_previous_keys and not methods.MEMIT.keeps_previous_keys
+    assert not any(m.uses_null_space for m in (methods.ROME, methods.MEMIT, methods.EMMET))
 
 
 def test_hparams_know_their_method():
-    for name in ("rome", "memit", "emmet"):
+    for name in ("rome", "memit", "emmet", "alphaedit"):
         hp = preset("smollm2-135m", name)
         assert hp.spec is methods.method(name)
         assert hp.templates.groups == hp.spec.template_groups

@@ -1,4 +1,5 @@
-"""End-to-end truth on the offline SmolLM2: 8 CounterFact cases edited by ROME, MEMIT and EMMET."""
+"""End-to-end truth on the offline SmolLM2: 8 CounterFact cases edited by ROME, MEMIT, EMMET and
+AlphaEdit; AlphaEdit also over 32 sequential edits."""
 import dataclasses
 
 import jax
@@ -46,14 +47,14 @@ def memit_edited(world):
     before = snapshot(params)
     vals = editor.edit_values(params, cfg, tok, cases[:8], hp, templates=g)
     out = {}
-    for method in ("memit", "emmet"):  # same values (same site, templates and layer): computed once
+    for method in ("memit", "emmet", "alphaedit"):  # same values (site, templates, layer): computed once
         out[method] = editor.edit(params, cfg, tok, cases[:8], preset("smollm2-135m", method), covariances=covs,
                                   templates=g, values=vals)
     assert unchanged(params, before)
     return out
 
 
-@pytest.mark.parametrize("method", ["memit", "emmet"])
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
 def test_batch_of_8_succeeds(world, memit_edited, method):
     cfg, params, tok, _, _, cases = world
     new, report = memit_edited[method]
@@ -103,3 +104,28 @@ def test_sequential_batched_32_in_batches_of_8(world):
     assert np.mean(per_batch) > metrics.evaluate(params, cfg, tok, cases[9:41]).aggregate.es
     assert [o.report.case_ids for o in outcomes] == [tuple(c.case_id for c in cases[9 + 8 * b: 17 + 8 * b])
                                                       for b in range(4)]
+
+
+def test_alphaedit_sequential_32_edits_keep_earlier_ones(world):
+    """32 edits in 4 sequential batches of 8: AlphaEdit carries the earlier batches' keys, so the
+    first batch's edits survive the next three."""
+    cfg, params, tok, covs, cache, cases = world
+    hp = preset("smollm2-135m", "alphaedit")
+    g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
+    before = snapshot(params)
+    first_after_own_batch = []
+
+    def after_batch(index, new_params, batch, report):
+        if index == 0:
+            first_after_own_batch.extend(efficacy(new_params, cfg, tok, batch))
+
+    final, outcomes = schedule.sequential_batched_edit(params, cfg, tok, cases[:32], hp, covariances=covs,
+                                                       templates=g, batch_size=8, after_batch=after_batch,
+                                                       progress=False)
+    assert unchanged(params, before)
+    assert len(outcomes) == 4 and all(not o.report.warnings for o in outcomes)
+    first_at_end = efficacy(final, cfg, tok, cases[:8])
+    everything = efficacy(final, cfg, tok, cases[:32])
+    assert sum(first_after_own_batch) >= 7, first_after_own_batch
+    assert sum(first_at_end) >= 7, (first_after_own_batch, first_at_end)
+    assert sum(everything) >= 28, everything

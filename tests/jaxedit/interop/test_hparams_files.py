@@ -200,7 +200,7 @@ def test_rome_without_covariance_is_unsupported(tmp_path):
         hparams_files.read_hparams(_write(tmp_path, "ROME", "r.yaml", text), cfg=LLAMA3_8B)
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "emmet"])
+@pytest.mark.parametrize("method", ["rome", "memit", "emmet", "alphaedit"])
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_write_then_read_round_trip(tmp_path, method, suffix):
     cfg = config.smollm2_135m()
@@ -209,3 +209,54 @@ def test_write_then_read_round_trip(tmp_path, method, suffix):
     back = hparams_files.read_hparams(path, method=method, cfg=cfg, base=hp.replace(covariance=hparams.CovarianceHparams()))
     assert back.replace(covariance=hp.covariance) == hp
     assert back.covariance.n_samples == hp.covariance.n_samples and back.covariance.corpus == hp.covariance.corpus
+
+
+# AlphaEdit: EasyEdit's hparams/AlphaEdit/*.yaml carries alg_name and P_loc (where a precomputed
+# projector lives); the authors' hparams/AlphaEdit/*.json does not. Both carry nullspace_threshold, L2.
+ALPHAEDIT_FIELDS = """\
+layers: [4, 5, 6, 7, 8]
+clamp_norm_factor: 0.75
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 25
+v_lr: 1e-1
+v_loss_layer: 31
+v_weight_decay: 0.5
+kl_factor: 0.0625
+mom2_adjustment: true
+mom2_update_weight: 15000
+rewrite_module_tmp: "model.layers.{}.mlp.down_proj"
+layer_module_tmp: "model.layers.{}"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+nullspace_threshold: 2e-2
+L2: 10
+"""
+
+
+@pytest.mark.parametrize("fmt", ["easyedit", "reference"])
+def test_alphaedit_files(tmp_path, fmt):
+    if fmt == "easyedit":
+        text = 'alg_name: "AlphaEdit"\nP_loc: "./null_space_project.pt"\ndevice: 0\n' + ALPHAEDIT_FIELDS
+        path = _write(tmp_path, "AlphaEdit", "llama3-8b.yaml", text)
+    else:
+        import yaml
+        path = _write(tmp_path, "AlphaEdit", "Llama3-8B.json", json.dumps(yaml.safe_load(ALPHAEDIT_FIELDS)))
+    info = hparams_files.import_hparams(path, cfg=LLAMA3_8B)
+    hp = info.hparams
+    assert hp.method == "alphaedit" and hp.layers == (4, 5, 6, 7, 8)
+    assert hp.nullspace_threshold == 0.02 and hp.l2 == 10.0
+    assert hp.value.v_lr == 0.1 and hp.value.v_weight_decay == 0.5 and hp.value.clamp_norm_factor == 0.75
+    assert "mom2_update_weight" in info.ignored  # the null-space update does not use lambda
+    assert hp == hparams.preset("llama3-8b", "alphaedit").replace(covariance=hp.covariance)
+    if fmt == "easyedit":
+        assert "P_loc" in info.ignored
+    with pytest.raises(hparams_files.UnsupportedHparams, match="L2=-1"):
+        hparams_files.read_hparams(_write(tmp_path, "AlphaEdit", "bad.json",
+                                          json.dumps({**yaml_dict(ALPHAEDIT_FIELDS), "L2": -1})), cfg=LLAMA3_8B)
+
+
+def yaml_dict(text):
+    import yaml
+    return yaml.safe_load(text)
