@@ -66,19 +66,6 @@ def trace_record(params, cfg, tok, fact, encoded, noise_std: float, tc) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def encode_all(tok, facts) -> list:
-    """Each fact encoded, or the SubjectTokensError that keeps it from being traced."""
-    from jaxedit import tracing
-
-    out = []
-    for fact in facts:
-        try:
-            out.append(tracing.encode_fact(tok, fact))
-        except tracing.SubjectTokensError as e:
-            out.append(e)
-    return out
-
-
 def main(argv):
     del argv
     from experiments import causal_trace_summary
@@ -95,10 +82,9 @@ def main(argv):
     tc = tracing.TraceConfig(noise_samples=FLAGS.noise_samples, noise_factor=FLAGS.noise_factor,
                              window=FLAGS.window, seed=FLAGS.noise_seed)
     log = results_log.ResultsLog(FLAGS.out)
-    encoded = encode_all(tok, facts)
+    encoded = tracing.encode_facts(tok, facts)
     # As in the paper: over the subjects of all the facts of the file.
-    noise_std = tracing.embedding_noise_std(
-        params, tracing.subject_token_ids([e for e in encoded if not isinstance(e, Exception)]), tc.noise_factor)
+    noise_std = tracing.embedding_noise_std(params, tracing.subject_token_ids(encoded), tc.noise_factor)
     done = {results_log.key_id(r["key"]): r for r in log.records if r.get("type") == "cell" and "key" in r}
     logging.info("causal trace: %d facts in %s, noise std %.4f, %d records in %s", len(facts), knowns_path,
                  noise_std, len(done), FLAGS.out)

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from experiments import results_log
-from jaxedit.tracing.groups import TOKEN_GROUPS, average_by_group
+from jaxedit.tracing.groups import TOKEN_GROUPS, average_by_group, peak_layer_interval
 
 KINDS = ("resid", "mlp", "attn")
 KIND_NAME = {"resid": "residual output (single layer)", "mlp": "MLP output", "attn": "attention output"}
@@ -136,7 +136,8 @@ def _f(x: float) -> str:
     return "–" if np.isnan(x) else f"{x:.4f}"
 
 
-def summarize(records: Sequence[Mapping], out_dir, heatmap_ids: Sequence[int] | None = None) -> str:
+def summarize(records: Sequence[Mapping], out_dir, heatmap_ids: Sequence[int] | None = None,
+              bootstrap_resamples: int = 1000) -> str:
     """Writes the plots and causal_trace.md for the latest setting in `records`; returns the markdown."""
     out_dir = Path(out_dir)
     cells = current_records(records)
@@ -164,7 +165,9 @@ def summarize(records: Sequence[Mapping], out_dir, heatmap_ids: Sequence[int] | 
     p_corrupt = np.mean([c["p_corrupt"] for c in traced])
     lines += [f"Mean P(object): clean {p_clean:.4f}, corrupted {p_corrupt:.4f} (total effect "
               f"{p_clean - p_corrupt:.4f}).", ""]
-    mean, counts = average_by_group([effects(c) for c in traced], [tuple(c["subject_range"]) for c in traced])
+    per_fact = [effects(c) for c in traced], [tuple(c["subject_range"]) for c in traced]
+    mean, counts = average_by_group(*per_fact)
+    intervals = peak_layer_interval(*per_fact, n_resamples=bootstrap_resamples)
     peak_rows = []
     for g, group in enumerate(TOKEN_GROUPS):
         row = [group, int(counts[g])]
@@ -174,10 +177,14 @@ def summarize(records: Sequence[Mapping], out_dir, heatmap_ids: Sequence[int] | 
                 row.append("–")
             else:
                 at = int(np.nanargmax(curve))
-                row.append(f"{curve[at]:.4f} at layer {at}")
+                low, high = intervals[k, g]
+                row.append(f"{curve[at]:.4f} at layer {at} [{low}, {high}]")
         peak_rows.append(row)
     lines += ["## Peak average indirect effect per token group", "",
-              "Tokens of every traced fact pooled per group (a token may count in two groups, as in the paper).", "",
+              "Tokens of every traced fact pooled per group (a token may count in two groups, as in the paper). "
+              f"In brackets: a bootstrap 95% interval of the peak's layer ({bootstrap_resamples} resamples of the "
+              "traced facts). For MLP and attention outputs the layer is the centre of the restored window "
+              f"(layers l - {key['window'] // 2} .. l + {(key['window'] - 1) // 2}).", "",
               _table(["token group", "tokens", *[f"{KIND_NAME[k]}" for k in KINDS]], peak_rows), ""]
     for k, kind in enumerate(KINDS):
         rows = [[layer, *[_f(mean[k, g, layer]) for g in range(len(TOKEN_GROUPS))]] for layer in range(mean.shape[2])]

@@ -8,11 +8,11 @@
 """
 from jaxedit.tracing.groups import TOKEN_GROUPS, average_by_group, token_groups
 from jaxedit.tracing.knowns import (EncodedFact, KnownFact, KnownsFileError, SubjectTokensError, encode_fact,
-                                    read_knowns, subject_token_ids)
+                                    encode_facts, read_knowns, subject_token_ids)
 from jaxedit.tracing.lanes import KINDS, restored_layers
 from jaxedit.tracing.trace import (FactTrace, TraceConfig, embedding_noise_std, greedy_next_token, naive_trace,
                                    trace_fact)
 
 __all__ = ["TOKEN_GROUPS", "average_by_group", "token_groups", "EncodedFact", "KnownFact", "KnownsFileError",
-           "SubjectTokensError", "encode_fact", "read_knowns", "subject_token_ids", "KINDS", "restored_layers",
+           "SubjectTokensError", "encode_fact", "encode_facts", "read_knowns", "subject_token_ids", "KINDS", "restored_layers",
            "FactTrace", "TraceConfig", "embedding_noise_std", "greedy_next_token", "naive_trace", "trace_fact"]

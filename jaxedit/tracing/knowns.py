@@ -114,6 +114,18 @@ def encode_fact(tokenizer, fact: KnownFact) -> EncodedFact:
     return EncodedFact(fact, tuple(tokens), (start, end), tuple(dict.fromkeys(answers)))
 
 
-def subject_token_ids(facts: Sequence[EncodedFact]) -> list[int]:
-    """Every fact's subject tokens (with repeats), whose embeddings set the corruption noise's scale."""
-    return [t for f in facts for t in f.tokens[f.subject[0]:f.subject[1]]]
+def encode_facts(tokenizer, facts: Sequence[KnownFact]) -> list[EncodedFact | SubjectTokensError]:
+    """Each fact encoded, or the SubjectTokensError that keeps it from being traced (callers count it)."""
+    out = []
+    for fact in facts:
+        try:
+            out.append(encode_fact(tokenizer, fact))
+        except SubjectTokensError as e:
+            out.append(e)
+    return out
+
+
+def subject_token_ids(facts: Sequence[EncodedFact | Exception]) -> list[int]:
+    """Every encoded fact's subject tokens (with repeats), whose embeddings set the corruption noise's
+    scale; facts that could not be encoded are left out."""
+    return [t for f in facts if isinstance(f, EncodedFact) for t in f.tokens[f.subject[0]:f.subject[1]]]

@@ -71,6 +71,11 @@ class LanePlan:
     site: np.ndarray
 
 
+# Chunks start at their lowest first layer: with 8 or more, the layers run are within about a tenth of
+# the fewest possible (each lane from its own first layer), for the ROME windows.
+MIN_CHUNKS = 8
+
+
 def lane_count(width: int, num_layers: int, samples: int) -> int:
     """Lanes of a prompt of `width` tokens: one per pair of tokens, layer, kind and sample."""
     return samples * len(KINDS) * num_layers * (-(-width // 2))
@@ -79,15 +84,15 @@ def lane_count(width: int, num_layers: int, samples: int) -> int:
 def plan_lanes(length: int, width: int, num_layers: int, samples: int, window: int, chunk_tokens: int) -> LanePlan:
     """The lanes of every restoration of a prompt of `length` tokens padded to `width`.
 
-    chunk_tokens: about how many lane slots a chunk runs at once (memory, and how finely chunks follow
-    the lanes' first layers).
+    chunk_tokens: at most about this many lane slots run at once (memory); there are at least
+    MIN_CHUNKS chunks, as even as the lane count allows.
     """
     if not 1 <= length <= width:
         raise ValueError(f"a prompt of {length} tokens does not fit width {width}")
     w = width + 1
     total = lane_count(width, num_layers, samples)
-    per_chunk = max(1, min(total, chunk_tokens // w))
-    chunks = -(-total // per_chunk)
+    chunks = min(total, max(MIN_CHUNKS, -(-total * w // chunk_tokens)))
+    per_chunk = -(-total // chunks)
     n = chunks * per_chunk
     sample = np.zeros(n, np.int32)
     token = np.full((n, w), -1, np.int32)

@@ -202,3 +202,12 @@ def test_subject_tokens(tiny):
     assert encoded.answers == tuple(tok("France", add_special_tokens=False)["input_ids"])
     with pytest.raises(knowns.SubjectTokensError, match="known_id 9"):
         knowns.encode_fact(tok, knowns.KnownFact(9, "Vins", "x", "Vinson Massif is in"))
+
+
+def test_peak_layer_intervals_from_resampled_facts():
+    rising = np.tile(np.arange(5.0), (3, 1))[:, :, None]  # (kinds, L, T=1): peaks at the last layer
+    falling = rising[:, ::-1] * 0.1
+    sure = groups.peak_layer_interval([rising, rising], [(0, 1), (0, 1)], n_resamples=50)
+    assert (sure[:, [0, 2, 5]] == 4).all() and (sure[:, [1, 3, 4]] == -1).all()  # one-token prompts
+    mixed = groups.peak_layer_interval([rising, falling * 100], [(0, 1), (0, 1)], n_resamples=200)
+    assert (mixed[:, 0] == [0, 4]).all()
