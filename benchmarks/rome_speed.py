@@ -8,7 +8,9 @@ optimisation; the second run finds the compiled programs in the persistent compi
 the code of another checkout of this repository (e.g. `git worktree add /tmp/before <rev>`) under
 its own defaults, for a before/after table.
 
-    python -m benchmarks.rome_speed [--edits 8] [--before /tmp/before]
+With --torch, the PyTorch reference makes the same edits' keys and values in the same run.
+
+    python -m benchmarks.rome_speed [--edits 8] [--before /tmp/before] [--torch]
 """
 from __future__ import annotations
 
@@ -62,9 +64,33 @@ print("ROWS " + json.dumps(rows))
 """
 
 
-def run_child(tree: Path, edits: int, cache: Path, jit_cache: Path) -> list[dict]:
+TORCH_CHILD = r"""
+import json, sys, time
+import jaxedit
+from baselines import torch_reference as tb
+from jaxedit.editing.templates import flat
+from llama3_flax import checkpoint
+
+edits, cache = int(sys.argv[1]), sys.argv[2]
+cfg, params, tok = checkpoint.load_model("smollm2")
+hp = jaxedit.preset("smollm2-135m", "rome")
+groups = jaxedit.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
+cases = jaxedit.load_counterfact("edit", n=edits, seed=0)
+model = tb.torch_model(cfg, params)
+layer = hp.layers[-1]
+rows = []
+for case in cases:
+    t0 = time.perf_counter()
+    tb.keys(model, tok, [case], groups, layer)
+    vals = tb.values(model, tok, [case], list(flat(groups)), layer, hp.value)
+    rows.append({"seconds": time.perf_counter() - t0, "steps": int(vals.steps[0]), "compiled": 0})
+print("ROWS " + json.dumps(rows))
+"""
+
+
+def run_child(tree: Path, edits: int, cache: Path, jit_cache: Path, script: str = CHILD) -> list[dict]:
     env = dict(os.environ, ROME_SPEED_TREE=str(tree), JAXEDIT_JIT_CACHE=str(jit_cache))
-    out = subprocess.run([sys.executable, "-c", CHILD, str(edits), str(cache)], env=env, cwd=tree,
+    out = subprocess.run([sys.executable, "-c", script, str(edits), str(cache)], env=env, cwd=tree,
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark run in {tree} failed:\n{out.stderr[-3000:]}")
@@ -76,6 +102,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=8)
     parser.add_argument("--before", default=None, help="another checkout to time under its own defaults")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time the PyTorch reference (baselines.torch_reference) on the same cases: "
+                             "ROME's keys and values, one request at a time (its rank-one solve, milliseconds, "
+                             "is left out)")
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parents[1]
     trees = ([("before", Path(args.before).resolve())] if args.before else []) + [("after", here)]
@@ -87,6 +117,10 @@ def main(argv=None) -> dict:
             for run in ("first run", "second run"):
                 print(f"{name}, {run} ...", file=sys.stderr, flush=True)
                 results[(name, run)] = run_child(tree, args.edits, cache, jit_cache)
+        if args.torch:
+            print("PyTorch reference ...", file=sys.stderr, flush=True)
+            results[("PyTorch reference", "keys + values")] = run_child(here, args.edits, cache, Path(tmp) / "jit",
+                                                                         script=TORCH_CHILD)
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
     header = ["code", "run"] + [f"edit {i + 1}" for i in range(args.edits)] + ["total s", "programs compiled"]
     print("| " + " | ".join(header) + " |")
@@ -95,6 +129,14 @@ def main(argv=None) -> dict:
         cells = [f"{r['seconds']:.1f}" for r in rows]
         print(f"| {name} | {run} | " + " | ".join(cells)
               + f" | {sum(r['seconds'] for r in rows):.1f} | {sum(r['compiled'] for r in rows)} |")
+    if args.torch:
+        torch_total = sum(r["seconds"] for r in results[("PyTorch reference", "keys + values")])
+        for (name, run), rows in results.items():
+            if name != "PyTorch reference":
+                print(f"PyTorch reference / {name}, {run}: {torch_total / sum(r['seconds'] for r in rows):.2f}x")
+        print("loss evaluations per edit (jaxedit after / PyTorch): "
+              + ", ".join(f"{a['steps'] + 1}/{b['steps'] + 1}" for a, b in
+                          zip(results[("after", "second run")], results[("PyTorch reference", "keys + values")])))
     return {f"{k[0]}/{k[1]}": v for k, v in results.items()}
 
 

@@ -6,6 +6,7 @@ Where things are:
   jaxedit.eval      scoring, CounterFact metrics, generation entropy, tables
   jaxedit.data      CounterFact, text corpora, data and cache locations
   jaxedit.interop   the PyTorch tools' hparams files, and checkpoints they edited
+  jaxedit.tracing   causal tracing of known facts (which hidden states carry them)
   jaxedit.methods   what distinguishes ROME, MEMIT, EMMET and AlphaEdit (one Method each)
   jaxedit.hparams   frozen hparams and per-model presets
 
