@@ -6,8 +6,8 @@ Grids (the value optimisation does not depend on them, so the targets are comput
   memit:     mom2_update_weight (lambda) x layer
   alphaedit: nullspace_threshold x l2, at the preset's layer(s)
 
-The rule (--ns_margin): among cells whose NS is within the margin of the unedited NS, the largest S;
-the chosen cell is marked in the table. One JSONL record per finished cell; a restart skips them.
+The rule (--ns_margin): among cells whose NS is within the margin of the unedited NS, the largest S
+(ties: the first in the grid's order); the chosen cell is marked in the table. One JSONL record per finished cell; a restart skips them.
 
   python -m experiments.preset_validation --method=alphaedit --grid_a=3e-3,5e-3,1e-2,2e-2 \\
       --grid_b=1,10,100 --n=32 --out=experiments/results/preset_validation.jsonl
@@ -71,7 +71,8 @@ def table(records_: list[dict], method: str, margin: float) -> str:
     ids = cells[0]["case_ids"]
     lines = [f"{method} on {len(ids)} validation cases (CounterFact {cells[0]['key']['counterfact']}, ids "
              f"{min(ids)}..{max(ids)}); unedited ES {before['es']:.1f} PS {before['ps']:.1f} NS {before['ns']:.1f}. "
-             f"Rule: the largest S with NS >= {before['ns'] - margin:.1f} (unedited NS - {margin:g}). "
+             f"Rule: the largest S with NS >= {before['ns'] - margin:.1f} (unedited NS - {margin:g}; ties: the first "
+             "row of the grid). "
              "Bootstrap 95% intervals over cases.", "",
              f"| {a_name} | {b_name} | ES | PS | NS | S | ||dW|| | chosen |", "|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["key"][b_name], c["key"][a_name])):

@@ -178,9 +178,17 @@ class ResultsLog:
         finally:
             os.close(fd)
         self.records.append(json.loads(line))
-        if record.get("type") == "cell" and getattr(FLAGS, "test_pause_after_cell", 0.0):
-            time.sleep(FLAGS.test_pause_after_cell)
+        if record.get("type") == "cell" and _test_pause():
+            time.sleep(_test_pause())
         return record
+
+
+def _test_pause() -> float:
+    """--test_pause_after_cell of a parsed program; 0 when the flag is not defined or not parsed (the
+    log used as a library, or in a test process that merely imported a program module)."""
+    if "test_pause_after_cell" not in FLAGS or not FLAGS.is_parsed():
+        return 0.0
+    return FLAGS.test_pause_after_cell
 
 
 def _json_default(x):

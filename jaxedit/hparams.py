@@ -179,10 +179,12 @@ _SMOLLM2_LAMBDA = {"memit": 100.0}
 
 
 def _smollm2_135m(method: str) -> EditHparams:
-    # Measured on SmolLM2 (16 CounterFact cases, seed 1, layer 3, covariance of 200 WikiText-103
-    # samples): MEMIT's S was 86.8 at lambda 10-100, 81.4 at 1000 and 79.2 at 5000 (PS falls as
-    # preservation grows), so MEMIT uses 100. EMMET's equality constraints reach ES 100 whatever
-    # lambda; lambda only scales its ridge, kept at the paper's 15000 * 0.1.
+    # MEMIT's lambda and layer, validated on 32 CounterFact "train" cases that no reported sweep uses
+    # (experiments/results/preset_validation_memit.md, one batch of 32): at layer 3 lambda 10 and
+    # 100 give the same decisions on every prompt (S 91.0 [84.3, 96.7], NS 81.2 against the unedited
+    # 78.1), 1000 gives 88.7 and 15000 73.8 (PS falls as preservation grows); layers 1 and 5 reach
+    # 90.6 and 87.3. So MEMIT uses layer 3 and lambda 100. EMMET's equality constraints reach ES 100
+    # whatever lambda; lambda only scales its ridge, kept at the paper's 15000 * 0.1.
     # AlphaEdit: chosen on 32 CounterFact "train" cases (never reported; experiments/results/
     # preset_validation_alphaedit.md): SmolLM2's layer-3 C0 has its eigenvalues in 0.0017-0.48, so the
     # Llama-3 threshold 2e-2 leaves 1330 of 1536 directions; at l2 10 or 100 edits fail (ES 31-100),

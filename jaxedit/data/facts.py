@@ -27,6 +27,17 @@ class FactsFileError(ValueError):
     """A facts file that cannot be read as facts; the message names file, line and field."""
 
 
+def read_json_list(path: Path, error: type[Exception]) -> list:
+    """The JSON list in `path`, or `error` naming the file (and the line of a syntax error)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise error(f"{path}: expected a JSON list of facts, got {type(data).__name__}")
+    return data
+
+
 def _fact(record: Any, where: str, default_id: int) -> EditRequest:
     if not isinstance(record, Mapping):
         raise FactsFileError(f"{where}: expected an object with fields {', '.join(REQUIRED)}, got "
@@ -85,12 +96,7 @@ def read_facts(path: str | os.PathLike) -> tuple[EditRequest, ...]:
                     raise FactsFileError(f"{path}, line {number}: not a JSON object ({e.msg})") from None
                 facts.append(_fact(record, f"{path}, line {number}", number))
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise FactsFileError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise FactsFileError(f"{path}: expected a JSON list of facts, got {type(data).__name__}")
+        data = read_json_list(path, FactsFileError)
         facts = [_fact(record, f"{path}, record {i}", i) for i, record in enumerate(data)]
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:

@@ -8,12 +8,12 @@ a reason, and callers count them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 from jaxedit.data import paths
+from jaxedit.data.facts import read_json_list
 from jaxedit.editing.tokenize import encode_prompt, encode_target
 
 REQUIRED = ("known_id", "subject", "attribute", "prompt")
@@ -65,12 +65,7 @@ def read_knowns(path: str | os.PathLike | None = None) -> tuple[KnownFact, ...]:
     path = default_knowns_file() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no knowns file at {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise KnownsFileError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise KnownsFileError(f"{path}: expected a JSON list of facts, got {type(data).__name__}")
+    data = read_json_list(path, KnownsFileError)
     if not data:
         raise KnownsFileError(f"{path}: the file holds no facts")
     return tuple(_fact(record, f"{path}, record {i}") for i, record in enumerate(data))
