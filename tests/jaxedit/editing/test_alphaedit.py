@@ -120,3 +120,31 @@ def test_previous_keys_only_for_alphaedit(tiny_with_tokenizer, tiny_covariance):
     with pytest.raises(ValueError, match="previous_keys of layer 1 must be"):
         editor.edit(params, cfg, tok, req, hp, covariances={1: tiny_covariance}, templates=(("{}",),),
                     previous_keys={1: jnp.ones((3, 2))})
+
+
+def test_alphaedit_spreads_over_layers_like_memit(tiny_with_tokenizer, tiny_covariance):
+    """Several layers: each gets its share of the residual (spread_residual), projected on its own
+    null space; the other layers and the input tree stay as they were."""
+    cfg, params, tok = tiny_with_tokenizer
+    from jaxedit.requests import EditRequest
+    from jaxedit.hparams import ValueHparams
+    reqs = [EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", case_id=0),
+            EditRequest("{} is a twin city of", "Lyon", "Beijing", case_id=1)]
+    evals = np.linalg.eigvalsh(np.asarray(tiny_covariance, np.float64))
+    threshold = float(np.median(evals))  # half the directions are free
+    hp = EditHparams(method="alphaedit", layers=(0, 1), nullspace_threshold=threshold, l2=0.1,
+                     value=ValueHparams(v_num_grad_steps=3))
+    before = np.array(params["layers"]["down_proj"])
+    new, report = editor.edit(params, cfg, tok, reqs, hp, covariances={0: tiny_covariance, 1: tiny_covariance},
+                              templates=(("{}",),))
+    after = np.asarray(new["layers"]["down_proj"])
+    np.testing.assert_array_equal(np.asarray(params["layers"]["down_proj"]), before)
+    assert len(report.solves) == 2 and all(bool(s.ok) for s in report.solves)
+    space = pm.null_space(np.asarray(tiny_covariance, np.float64), threshold)
+    p = np.asarray(space.eigenvectors)[:, np.asarray(space.null)]
+    for layer in (0, 1):
+        dw = (after[layer] - before[layer]).astype(np.float64)
+        assert np.linalg.norm(dw) > 0
+        # in the null space (float32 weights: rounding of W + dW bounds the leak)
+        assert np.linalg.norm(dw - dw @ p @ p.T) <= 1e-3 * np.linalg.norm(dw)
+    np.testing.assert_array_equal(after[2:], before[2:])
