@@ -154,6 +154,9 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
                              chunk_size=value_chunk_size)
     values = jax.block_until_ready(values)
     seconds["values"] = time.perf_counter() - t0
+    if not bool(jnp.all(jnp.isfinite(values.target))):
+        bad = [requests[i].case_id for i in np.flatnonzero(~np.all(np.isfinite(np.asarray(values.target)), axis=1))]
+        raise ValueError(f"target values of case(s) {bad[:8]} contain NaN or inf; nothing was edited")
 
     new, solves, norms, written = params, [], [], []
     for i, layer in enumerate(hparams.layers):

@@ -350,10 +350,15 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     return Values(target=init + delta, init=init, delta=delta, loss=loss, nll=nll, steps=steps)
 
 
+def _window(cfg, layer: int) -> int:
+    """The layer window of the value loop for edits at `layer` (the layers after it)."""
+    return layer_window(cfg, layer + 1)
+
+
 def lower_values(params, cfg, batch: ValueBatch, layer: int, hp: ValueHparams, site: str):
     """optimise_values lowered for this batch's shapes as compute_values calls it (for compiling ahead
     of time: `.compile()`)."""
-    return optimise_values.lower(params, cfg, batch, jnp.int32(layer), hp, site, window=layer_window(cfg, layer + 1))
+    return optimise_values.lower(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer))
 
 
 def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -378,7 +383,6 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
         lengths = np.asarray(jax.device_get(batch.mask)).sum(axis=1)
         check_lengths(lengths, cfg, f"a rewriting prompt (with its target) of case(s) {[r.case_id for r in chunk]}")
         check_token_ids(np.asarray(jax.device_get(batch.tokens)), cfg, "the value optimisation's prompts")
-        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site,
-                                     window=layer_window(cfg, layer + 1)))
+        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer)))
     values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
     return values.replace(made_for=made_for)

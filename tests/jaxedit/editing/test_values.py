@@ -154,3 +154,11 @@ def test_layer_window_never_changes_values(tiny_with_tokenizer):
     short = optimise_values(params, cfg, batch, jnp.int32(layer), hp, "resid",
                             window=cfg.num_hidden_layers - layer - 2)
     assert np.all(np.isnan(np.asarray(short.delta)))
+    # and the editor refuses NaN values before touching the weights
+    from jaxedit.editing import editor
+    from jaxedit.hparams import EditHparams
+    hp_edit = EditHparams(method="memit", layers=(layer,), value=hp)
+    poisoned = vals.replace(target=vals.target.at[1].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"target values of case\(s\) \[1\] contain NaN"):
+        editor.edit(params, cfg, tok, REQUESTS, hp_edit, covariances={layer: jnp.eye(cfg.intermediate_size)},
+                    templates=(("{}",),), values=poisoned)
