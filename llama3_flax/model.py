@@ -118,6 +118,37 @@ class Injection:
     delta: jax.Array
 
 
+@flax.struct.dataclass
+class DownProjUpdates:
+    """Low-rank additions to down_proj that differ from token to token: many edited models in one run.
+
+    Token (b, t) of group g = token_group[b, t] runs layer layers[d] with the down_proj weight
+    W + sum over the columns m with column_group[m] == g of right[d, m] (x) left[d, :, m], i.e. its MLP
+    output gains (mlp_in @ left[d])[..., m] * right[d, m] over its own columns only. A rank-r edit of
+    one or several layers is r columns of one group; groups < 0 (padding tokens, padding columns)
+    match nothing. Each token then computes what the model edited by its own group's update computes,
+    without a copy of any weight: independent edits of one model are scored in one pass.
+
+    layers: (Ld,) edited layers; left: (Ld, F, M); right: (Ld, M, D); column_group: (M,);
+    token_group: (B, T).
+    """
+
+    layers: jax.Array
+    left: jax.Array
+    right: jax.Array
+    column_group: jax.Array
+    token_group: jax.Array
+
+    def mlp_out_change(self, i, mlp_in: jax.Array) -> jax.Array:
+        """(B, T, D) added to layer i's MLP output for mlp_in (B, T, F) (0 at layers not edited)."""
+        own = (self.token_group[..., None] == self.column_group) & (self.token_group[..., None] >= 0)
+        change = jnp.zeros(mlp_in.shape[:-1] + (self.right.shape[-1],), mlp_in.dtype)
+        for d in range(self.layers.shape[0]):  # static: a few edited layers
+            coeff = jnp.where(own, mlp_in @ self.left[d].astype(mlp_in.dtype), 0)  # (B, T, M)
+            change = change + jnp.where(i == self.layers[d], coeff @ self.right[d].astype(mlp_in.dtype), 0)
+        return change
+
+
 # ------------------------------------------------------------------------ forward
 def rope_positions(mask: jax.Array) -> jax.Array:
     """RoPE positions from a (B, S) padding mask: 0, 1, ... counted over real tokens only."""
@@ -260,13 +291,15 @@ def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, fir
 def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, *,
                first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
                capture: Capture | None = None, inject: Injection | None = None,
-               positions: jax.Array | None = None, key_ends: jax.Array | None = None):
+               positions: jax.Array | None = None, key_ends: jax.Array | None = None,
+               updates: DownProjUpdates | None = None):
     """Runs decoder layers first_layer..last_layer (inclusive, both data) on the residual stream.
 
     Args:
       h: (B, T, D) residual stream entering first_layer.
       mask: (B, T) 1 for real tokens, 0 for padding (left or right).
       positions, key_ends: for rows packing a tree of tokens (see layer_context).
+      updates: per-token low-rank down_proj updates (DownProjUpdates; captured mlp_out includes them).
     Returns:
       (h, captured): the residual stream after last_layer, and Captured (or None).
     """
@@ -276,6 +309,9 @@ def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, 
 
     def active(i, lp, h):
         h, mlp_in, mlp_out = decoder_layer(cfg, lp, h, cos, sin, bias)
+        if updates is not None:
+            change = updates.mlp_out_change(i, mlp_in)
+            h, mlp_out = h + change, mlp_out + change
         if inject is not None:
             valid = (inject.positions >= 0) & (i == inject.layer)
             delta = jnp.where(valid[..., None], inject.delta, 0).astype(h.dtype)

@@ -21,7 +21,7 @@ import numpy as np
 from llama3_flax.config import LlamaConfig
 
 from jaxedit.eval.generation import GenerationSpec, generate_texts, mean_ngram_entropy
-from jaxedit.eval.scoring import score_pairs
+from jaxedit.eval.scoring import LowRankEdits, encode_pairs, score_encoded
 from jaxedit.requests import EditRequest
 
 
@@ -132,7 +132,7 @@ def _case_prompts(r: EditRequest) -> tuple[tuple[str, ...], tuple[str, ...], tup
 
 def evaluate(params, cfg: LlamaConfig, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
              with_generation: bool = False, row_width: int = 64, generation: GenerationSpec = GenerationSpec(),
-             progress: bool | None = None) -> EvalResult:
+             progress: bool | None = None, edits: LowRankEdits | None = None) -> EvalResult:
     """CounterFact metrics of a model on cases (all prompt/target pairs scored together).
 
     Args:
@@ -140,6 +140,9 @@ def evaluate(params, cfg: LlamaConfig, tokenizer, requests: Sequence[EditRequest
         when with_generation).
       batch_size, row_width: see score_pairs.
       with_generation: also sample continuations of each case's generation prompts and report GE.
+      edits: independent edits of `params`, edit i made for case i (jaxedit.eval.independent): each
+        case is scored on the model changed by its own edit alone, all cases in one pass, as if each
+        edited model were materialised and evaluated on its case.
     Returns:
       EvalResult with per-case CaseMetrics and their Aggregate.
     """
@@ -153,17 +156,26 @@ def evaluate(params, cfg: LlamaConfig, tokenizer, requests: Sequence[EditRequest
         if r.target_true is None:
             raise ValueError(f"EditRequest {r.name}: field 'target_true' is needed for metrics")
 
-    index: dict[tuple[str, str], int] = {}
+    if edits is not None:
+        if with_generation:
+            raise ValueError("evaluate(edits=...) scores NLLs only; generate on a materialised edited model")
+        if edits.n_edits != len(requests):
+            raise ValueError(f"edits hold {edits.n_edits} edits for {len(requests)} cases: one edit per case")
+
+    index: dict[tuple[int, str, str], int] = {}  # (edit, prompt, target): a pair once per model it runs on
     layout = []  # per case: three lists of (i_new, i_true)
-    for r in requests:
+    for c, r in enumerate(requests):
+        model = c if edits is not None else 0
         kinds = []
         for prompts in _case_prompts(r):
             ids = []
             for p in prompts:
-                ids.append(tuple(index.setdefault((p, t), len(index)) for t in (r.target_new, r.target_true)))
+                ids.append(tuple(index.setdefault((model, p, t), len(index)) for t in (r.target_new, r.target_true)))
             kinds.append(ids)
         layout.append(kinds)
-    nll = score_pairs(params, cfg, tokenizer, list(index), batch_size, row_width, progress)
+    pairs = list(index)
+    nll = score_encoded(params, cfg, encode_pairs(tokenizer, [(p, t) for _, p, t in pairs]), batch_size, row_width,
+                        progress, edit_of_pair=None if edits is None else [m for m, _, _ in pairs], edits=edits)
 
     ges: list[float | None] = [None] * len(requests)
     if with_generation:
