@@ -62,11 +62,14 @@ def main(argv):
         new, report = editor.edit(params, cfg, tok, batch, hp, covariances=cov, templates=groups, values=values)
         after = metrics.evaluate(new, cfg, tok, batch, progress=None)
         del new
-        if b not in before_cache:
-            before_cache[b] = records.aggregate_dict(metrics.evaluate(params, cfg, tok, batch).aggregate)
+        if b not in before_cache:  # the same cases unedited, per case for paired differences
+            unedited = metrics.evaluate(params, cfg, tok, batch)
+            before_cache[b] = {"aggregate": records.aggregate_dict(unedited.aggregate),
+                               "cases": records.case_dicts(unedited.cases)}
         solve = report.solves[0]
         rec = {"type": "cell", "key": cell_key(method, layer, b), "attempt": results_log.new_attempt(),
-               "aggregate": records.aggregate_dict(after.aggregate), "before": before_cache[b],
+               "aggregate": records.aggregate_dict(after.aggregate), "before": before_cache[b]["aggregate"],
+               "before_cases": before_cache[b]["cases"],
                "cases": records.case_dicts(after.cases), "delta_norm": report.delta_norms[0],
                "preservation_cond": float(solve.preservation_cond), "system_cond": float(solve.cond),
                "ridge_added": float(solve.ridge_added),

@@ -48,7 +48,7 @@ def cell_key(method: str, layer: int, batch_size: int) -> dict:
 
 
 def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: results_log.ResultsLog, key: dict,
-             before: dict):
+             before):
     from jaxedit.eval import metrics
     from jaxedit.editing import schedule
 
@@ -71,7 +71,8 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: res
     res = metrics.evaluate(final, cfg, tok, cases, progress=None)
     log.append({"type": "cell", "key": key, "attempt": attempt, "n_batches": -(-len(cases) // batch_size),
                 "final_all": records.aggregate_dict(res.aggregate), "final_cases": records.case_dicts(res.cases),
-                "after_batch_mean": records.aggregate_cases(rows), "before": before,
+                "after_batch_mean": records.aggregate_cases(rows), "before": records.aggregate_dict(before.aggregate),
+                "before_cases": records.case_dicts(before.cases),
                 "hparams": {"mom2_update_weight": hp.mom2_update_weight, "emmet_lambda": hp.emmet_lambda,
                             **({"nullspace_threshold": hp.nullspace_threshold, "l2": hp.l2}
                                if hp.spec.uses_null_space else {}),
@@ -92,7 +93,7 @@ def main(argv):
     cov = world.covariances(params, cfg, tok, [layer], next(iter(hps.values())), FLAGS.cache_dir, FLAGS.corpus)
     from jaxedit.eval import metrics
 
-    before = records.aggregate_dict(metrics.evaluate(params, cfg, tok, cases, progress=None).aggregate)
+    before = metrics.evaluate(params, cfg, tok, cases, progress=None)  # the same cases unedited
     for method, b in tqdm(todo, desc="sequential sweep cells"):
         hp = hps[method]
         groups = world.templates(params, cfg, tok, hp, FLAGS.cache_dir)

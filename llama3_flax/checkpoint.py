@@ -6,6 +6,7 @@ with a message naming the missing, unexpected, mis-shaped or non-finite tensor; 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -149,6 +150,139 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str = "float32") -> tuple[L
         raise CheckpointError(f"{folder} has no config.json")
     cfg = read_config(cfg_path, dtype)
     return cfg, params_from_hf_state_dict(_read_safetensors(folder), cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceReads:
+    """What load_hf_folder_onto_mesh read: every (tensor name, shape of the slice read), and the
+    checkpoint's total tensor bytes (from the safetensors headers)."""
+
+    reads: tuple[tuple[str, tuple[int, ...]], ...]
+    read_bytes: int
+    checkpoint_bytes: int
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {e}") from e
+        out = {name: folder / fname for name, fname in weight_map.items()}
+    else:
+        out = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    out.update({k: path for k in f.keys()})
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from e
+    if not out:
+        raise CheckpointError(f"no *.safetensors files in {folder}")
+    missing_files = sorted({str(p.name) for p in out.values() if not p.exists()})
+    if missing_files:
+        raise CheckpointError(f"shard(s) {missing_files} named in the index are missing from {folder}")
+    return out
+
+
+def load_hf_folder_onto_mesh(folder: str | os.PathLike, mesh, rules=None, dtype: str = "float32"
+                             ) -> tuple[LlamaConfig, Params, SliceReads]:
+    """Loads an HF Llama folder straight onto a device mesh: each device reads only its slice of each
+    safetensors tensor (safe_open(...).get_slice), so no host ever holds the whole model.
+
+    Args:
+      mesh: a jax.sharding.Mesh (llama3_flax.sharding.make_mesh); under jax.distributed each process
+        reads the slices of its own devices only.
+      rules: llama3_flax.sharding.ShardingRules (default LLAMA_RULES).
+    Returns:
+      (cfg, params laid out by the rules, SliceReads). Raises CheckpointError as load_hf_folder does
+      (missing, unexpected, mis-shaped or non-finite tensors, unreadable files) and ValueError for
+      rules that do not fit the mesh.
+    """
+    import jax
+    from safetensors import safe_open
+
+    from . import sharding as lsharding
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    cfg = read_config(cfg_path, dtype)
+    rules = lsharding.LLAMA_RULES if rules is None else rules
+    shardings = lsharding.param_shardings(cfg, mesh, rules)
+    files = _tensor_files(folder)
+    expected = _hf_names(cfg)
+    present = {k for k in files if not k.endswith(_IGNORED_HF_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        present.discard("lm_head.weight")
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the config: missing tensors {missing[:8]}, "
+                              f"unexpected tensors {unexpected[:8]}")
+    handles: dict[Path, Any] = {}
+
+    def open_file(path):
+        if path not in handles:
+            try:
+                handles[path] = safe_open(str(path), framework="numpy")
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from e
+        return handles[path]
+
+    reads: list[tuple[str, tuple[int, ...]]] = []
+    read_bytes = 0
+
+    def read(name, index, shape):
+        nonlocal read_bytes
+        sl = open_file(files[name]).get_slice(name)
+        if tuple(sl.get_shape()) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(sl.get_shape())}, the config implies {tuple(shape)}")
+        from safetensors.flax import load as _  # noqa: F401  (ml_dtypes registers bfloat16)
+        arr = np.asarray(sl[index])
+        bad = arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32)))
+        if bad:
+            raise CheckpointError(f"tensor {name} has {bad} non-finite (NaN/Inf) values in slice {index}")
+        reads.append((name, tuple(arr.shape)))
+        read_bytes += arr.nbytes
+        return arr
+
+    checkpoint_bytes = 0
+    for name in expected:  # from the headers only
+        sl = open_file(files[name]).get_slice(name)
+        checkpoint_bytes += int(np.prod(sl.get_shape())) * _SAFETENSORS_ITEMSIZE.get(sl.get_dtype(), 4)
+    by_path: dict[tuple, list] = {}
+    for name, (path, layer, shape) in expected.items():
+        by_path.setdefault(path, []).append((-1 if layer is None else layer, name, tuple(shape)))
+
+    params: Params = {"layers": {}}
+    for path, entries in by_path.items():
+        entries.sort()
+        stacked = entries[0][0] >= 0  # per-layer tensors, stacked on a leading layer axis
+        shape = entries[0][2]
+        global_shape = ((len(entries),) if stacked else ()) + shape
+
+        def slice_of(index, entries=entries, stacked=stacked, global_shape=global_shape):
+            index = tuple(index) + (slice(None),) * (len(global_shape) - len(index))
+            if not stacked:
+                return read(entries[0][1], index, entries[0][2]).astype(cfg.jnp_dtype)
+            layers = range(*index[0].indices(global_shape[0]))
+            return np.stack([read(entries[i][1], index[1:], entries[i][2]) for i in layers]).astype(cfg.jnp_dtype)
+
+        sharding = shardings[path[0]] if len(path) == 1 else shardings["layers"][path[1]]
+        array = jax.make_array_from_callback(global_shape, sharding, slice_of)
+        if len(path) == 1:
+            params[path[0]] = array
+        else:
+            params["layers"][path[1]] = array
+    return cfg, params, SliceReads(reads=tuple(reads), read_bytes=read_bytes, checkpoint_bytes=checkpoint_bytes)
+
+
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def save_hf_folder(folder: str | os.PathLike, params: Params, cfg: LlamaConfig, tokenizer=None,

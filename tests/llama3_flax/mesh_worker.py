@@ -1,0 +1,80 @@
+"""Every editing stage on one device and on meshes of 8 forced host devices; prints the differences.
+
+Run by test_sharding.py in a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=8 must be
+set before JAX starts, and the rest of the suite keeps one device):
+
+  python -m tests.llama3_flax.mesh_worker tiny|smollm2 OUT.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from experiments import world
+from jaxedit.data import counterfact
+from jaxedit.editing import editor, keys
+from jaxedit.eval import metrics
+from llama3_flax import sharding
+
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def stages(params, cfg, tok, cases, hp, groups) -> dict:
+    """keys, C0, values, the solve (dW) and scoring of one MEMIT edit, as host arrays."""
+    layer = hp.layers[0]
+    out = {"keys": keys.keys_at_layers(params, cfg, tok, cases, groups, [layer])[0]}
+    out["c0"] = world.covariances(params, cfg, tok, [layer], hp, None, progress=False)[layer]
+    values = editor.edit_values(params, cfg, tok, cases, hp, templates=groups)
+    out["values"] = values.target
+    new, _ = editor.edit(params, cfg, tok, cases, hp, covariances={layer: out["c0"]}, templates=groups, values=values)
+    out["delta"] = new["layers"]["down_proj"][layer] - params["layers"]["down_proj"][layer]
+    res = metrics.evaluate(new, cfg, tok, cases, batch_size=4)
+    out["nll"] = np.asarray([c.rewrite_nll + c.paraphrase_nll + c.neighborhood_nll for c in res.cases])
+    out["decisions"] = [(c.es, c.ps, c.ns) for c in res.cases]
+    return {k: (v if k == "decisions" else np.asarray(jax.device_get(v), np.float64)) for k, v in out.items()}
+
+
+def main(which: str, out_path: str) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    if which == "tiny":
+        cfg, params, tok = world.load_model("tiny-random")
+        spec = "tiny-random"
+        cases = tuple(counterfact.load_counterfact("edit", n=4, seed=0))
+    else:
+        cfg, params, tok = world.load_model("smollm2")
+        spec = "smollm2"
+        cases = tuple(counterfact.load_counterfact("edit", n=2, seed=0))
+    hp = world.hparams_for(spec, "memit", v_steps=3, cov_samples=16, cov_max_length=32)
+    groups = world.templates(params, cfg, tok, hp, None)
+    ref = stages(params, cfg, tok, cases, hp, groups)
+    report = {"meshes": {}}
+    for data, model in MESHES:
+        mesh = sharding.make_mesh(data, model)
+        sharded = sharding.shard_params(params, cfg, mesh)
+        w = sharded["layers"]["down_proj"]
+        shard_shapes = sorted({tuple(s.data.shape) for s in w.addressable_shards})
+        got = stages(sharded, cfg, tok, cases, hp, groups)
+        report["meshes"][f"{data}x{model}"] = {
+            "down_proj_spec": [str(x) for x in w.sharding.spec],
+            "down_proj_shard_shapes": shard_shapes,
+            "down_proj_devices": len(w.sharding.device_set),
+            "embed_spec": [str(x) for x in sharded["embed_tokens"].sharding.spec],
+            **{k: relative(got[k], ref[k]) for k in ("keys", "c0", "values", "delta", "nll")},
+            "same_decisions": got["decisions"] == ref["decisions"],
+        }
+    report["global_shape"] = list(params["layers"]["down_proj"].shape)
+    report["delta_norm"] = float(np.linalg.norm(ref["delta"]))
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
