@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from llama3_flax import model as llama
 from llama3_flax.config import LlamaConfig
+from llama3_flax.sharding import mesh_of, rows_over_data
 
 from jaxedit import packing
 from jaxedit.cache import model_fingerprint, tokenizer_fingerprint
@@ -275,7 +276,9 @@ def _corpus_pass(params, cfg, samples, layers, batch_size, pad_id, max_length, p
     n_batches = -(-len(packing.first_fit_decreasing([len(s) for s in samples], width)) // batch_size)
     bar = tqdm(_batches(samples, batch_size, pad_id, max_length, pad_multiple), total=n_batches,
                desc=f"covariance of layers {layers}", unit="batch", disable=not progress)
-    for tokens, mask, positions, key_ends in bar:
+    mesh = mesh_of(params)
+    for batch in bar:
+        tokens, mask, positions, key_ends = rows_over_data(mesh, batch)  # rows over a mesh's data axis
         total = _accumulate_pass(total, params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions),
                                  jnp.asarray(key_ends), layer_ids, product_dtype)
     return total, count

@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
+
+from llama3_flax.sharding import mesh_of, rows_over_data
 import numpy as np
 
 import functools
@@ -91,8 +93,9 @@ def keys_at_layers(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
     ids, last = subject_rows(tokenizer, requests, flat)
     _check_rows(ids, cfg, requests, len(flat), "context-template")
     tokens, mask, last = pad_rows(ids, last, pad_id(tokenizer))
+    tokens, mask, last = rows_over_data(mesh_of(params), (tokens, mask, last[:, None]))  # rows over a mesh's data axis
     captured = _capture(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(layers, jnp.int32),
-                        jnp.asarray(last[:, None]))
+                        jnp.asarray(last))
     rows = captured.mlp_in[:, : len(ids), 0].astype(jnp.float32)  # (Lc, rows, F)
     avg = jnp.asarray(group_average_matrix(len(requests), template_groups))
     return jnp.einsum("nr,lrf->lnf", avg, rows)

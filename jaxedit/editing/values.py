@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llama3_flax.sharding import mesh_of, rows_over_data
 from llama3_flax.model import (Capture, embed, empty_kv_cache, final_hidden, layer_window, rope_positions,
                                run_layers, run_layers_cached, run_layers_over_prefix, unembedding,
                                window_layers)
@@ -383,6 +384,7 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
         lengths = np.asarray(jax.device_get(batch.mask)).sum(axis=1)
         check_lengths(lengths, cfg, f"a rewriting prompt (with its target) of case(s) {[r.case_id for r in chunk]}")
         check_token_ids(np.asarray(jax.device_get(batch.tokens)), cfg, "the value optimisation's prompts")
+        batch = rows_over_data(mesh_of(params), batch)  # on a mesh, lanes and rows over its data axis
         parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer)))
     values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
     return values.replace(made_for=made_for)

@@ -23,6 +23,7 @@ import numpy as np
 
 from llama3_flax import model as lm_model
 from llama3_flax.config import LlamaConfig
+from llama3_flax.sharding import mesh_of, rows_over_data
 
 from jaxedit import packing
 from jaxedit.editing import tokenize
@@ -240,6 +241,7 @@ def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], batc
         scored[row] += [(path[n_prompt + j - 1], tid, pair) for j, tid in enumerate(e.target_ids)]
     total = np.zeros((len(encoded),), np.float64)
     starts = range(0, len(rows), batch_size)
+    mesh = mesh_of(params)  # on a mesh, each call's rows go over its data axis
     for start in progress_bar(starts, progress, "scoring"):
         chunk = range(start, min(start + batch_size, len(rows)))
         n_rows = min(batch_size, packing.bucket(len(chunk), 2))  # a few shapes, little padding
@@ -255,6 +257,7 @@ def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], batc
         predictors, which = np.unique(tok, return_inverse=True)
         u, m = packing.bucket(len(predictors), 64), packing.bucket(len(slots), 64)
         pad = lambda a, n: jnp.asarray(np.pad(a, (0, n - len(a))))
+        tokens, depths, ends, token_group = rows_over_data(mesh, (tokens, depths, ends, token_group))
         nll = score_tree_rows(params, cfg, jnp.asarray(tokens), jnp.asarray(depths), jnp.asarray(ends),
                               pad(predictors, u), pad(which, m), pad(ids, m),
                               None if edits is None else edits.device_updates(token_group))
