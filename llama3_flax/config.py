@@ -185,6 +185,13 @@ def llama3_8b(dtype: str = "bfloat16") -> LlamaConfig:
                        eos_token_id=128001, dtype=dtype)
 
 
+def llama3_70b(dtype: str = "bfloat16") -> LlamaConfig:
+    return LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
+                       eos_token_id=128001, dtype=dtype)
+
+
 def llama3_2_1b(dtype: str = "bfloat16") -> LlamaConfig:
     return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
@@ -212,4 +219,4 @@ def tiny(num_attention_heads: int = 4, num_key_value_heads: int = 2, tie_word_em
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
 
 
-PRESETS = {"llama3-8b": llama3_8b, "llama3.2-1b": llama3_2_1b, "smollm2-135m": smollm2_135m, "tiny": tiny}
+PRESETS = {"llama3-8b": llama3_8b, "llama3-70b": llama3_70b, "llama3.2-1b": llama3_2_1b, "smollm2-135m": smollm2_135m, "tiny": tiny}

@@ -226,7 +226,7 @@ def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, query_block: 
 
 def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, first_layer: int | jax.Array = 0,
                 last_layer: int | jax.Array | None = None, per_layer: tuple = (), stop_after_last: bool = False,
-                window: int | None = None):
+                window: int | None = None, remat: bool = False):
     """The one loop over the stacked layers that every forward variant shares.
 
     Layer i runs `active(i, layer_params, carry, *per_layer_i)` when first_layer <= i <= last_layer
@@ -248,6 +248,10 @@ def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, fir
         for the window's extra layers (see `layer_window`). params["layers"] and per_layer may hold
         all layers or only the window's (`window_layers`: sliced once, outside a loop that runs
         this one many times, since XLA copies the slice wherever it is taken).
+      remat: rematerialise each layer in reverse-mode differentiation (jax.checkpoint of the scan
+        step): the backward pass keeps only each layer's input and recomputes the rest, so a
+        differentiated loop holds one layer's activations instead of every layer's (for large
+        value-optimisation batches), at about one more forward pass of compute.
     Returns:
       (final carry, ys stacked on a leading layer axis).
     """
@@ -278,14 +282,16 @@ def scan_layers(params: Params, cfg: LlamaConfig, carry, active, skipped, *, fir
             return jax.tree_util.tree_map(lambda a, b: jnp.where(run, a, b), ran, kept)
 
         tail, extra = window_layers(cfg, window, (params["layers"], tuple(per_layer)))
-        return jax.lax.scan(windowed_step, carry, (jnp.arange(start, cfg.num_hidden_layers), tail, extra))
+        step = jax.checkpoint(windowed_step) if remat else windowed_step
+        return jax.lax.scan(step, carry, (jnp.arange(start, cfg.num_hidden_layers), tail, extra))
 
     def step(carry, xs):
         i, lp, extra = xs
         run = (i >= first_layer) & (i <= last_layer)
         return jax.lax.cond(run, lambda c: active(i, lp, c, *extra), lambda c: skipped(i, c, *extra), carry)
 
-    return jax.lax.scan(step, carry, (jnp.arange(cfg.num_hidden_layers), params["layers"], tuple(per_layer)))
+    return jax.lax.scan(jax.checkpoint(step) if remat else step, carry,
+                        (jnp.arange(cfg.num_hidden_layers), params["layers"], tuple(per_layer)))
 
 
 def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, mask: jax.Array, *,
@@ -375,7 +381,7 @@ def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions:
 def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array,
                            bias: jax.Array, prefix, prefix_bias: jax.Array, *,
                            first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
-                           window: int | None = None):
+                           window: int | None = None, remat: bool = False):
     """Runs layers on tokens that attend to each other and to a read-only cache of earlier tokens.
 
     Args:
@@ -385,6 +391,7 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
         run_layers_cached); prefix_bias: (B, 1, T, S) which of them each token sees.
       window: scan only the last `window` layers, without a conditional (scan_layers); for reverse-mode
         differentiation, with first_layer inside the window (layer_window(cfg, first_layer)).
+      remat: rematerialise each layer under reverse-mode differentiation (scan_layers).
     Returns:
       h after last_layer.
 
@@ -399,7 +406,7 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
         return h, ()
 
     h, _ = scan_layers(params, cfg, h, active, lambda i, h, k, v: (h, ()), first_layer=first_layer,
-                       last_layer=last_layer, per_layer=tuple(prefix), window=window)
+                       last_layer=last_layer, per_layer=tuple(prefix), window=window, remat=remat)
     return h
 
 

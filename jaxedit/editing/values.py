@@ -246,9 +246,9 @@ def _safe_norm(x):
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site", "window"))
+@functools.partial(jax.jit, static_argnames=("cfg", "hp", "site", "window", "remat"))
 def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, site: str,
-                    window: int | None = None) -> Values:
+                    window: int | None = None, remat: bool = False) -> Values:
     """The batched value optimisation (losses as in the ROME/MEMIT reference implementations):
 
     loss_r = mean over r's rewriting prompts of the mean-token NLL of target_new
@@ -267,6 +267,9 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     window: the last layers the differentiated loop scans (static; layer_window(cfg, layer + 1), so
     that `layer` stays data and a few programs serve every layer). None: all layers. A window that
     does not reach layer + 1 gives NaN values (which the editor refuses), never wrong ones.
+    remat: rematerialise each layer of the differentiated loop (static): the same values with one
+    layer's activations held instead of the window's (see benchmarks/memory_plan.py: what lets a
+    large chunk of requests fit on one accelerator), for about a third more compute per step.
     """
     window = cfg.num_hidden_layers if window is None else window
     n, m = batch.kl_tok.shape[0], batch.target_tok.shape[0]
@@ -306,7 +309,7 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     def losses(delta, ref_kl, first):
         h = h_lanes + (lanes.inject[..., None] * delta[owner_lanes]).astype(h_lanes.dtype)
         h = run_layers_over_prefix(loop_params, cfg, h, pos_lanes, self_bias, prefix, prefix_bias,
-                                   first_layer=layer + 1, window=window)
+                                   first_layer=layer + 1, window=window, remat=remat)
         h = h.reshape(-1, d)
         # one unembedding for the target and KL rows: at a small batch it is bound by reading (V, D)
         lp = log_probs(h[jnp.concatenate([batch.target_tok, batch.kl_tok])])  # (M + n, V)
@@ -356,15 +359,18 @@ def _window(cfg, layer: int) -> int:
     return layer_window(cfg, layer + 1)
 
 
-def lower_values(params, cfg, batch: ValueBatch, layer: int, hp: ValueHparams, site: str):
+def lower_values(params, cfg, batch: ValueBatch, layer: int, hp: ValueHparams, site: str, remat: bool = False):
     """optimise_values lowered for this batch's shapes as compute_values calls it (for compiling ahead
     of time: `.compile()`)."""
-    return optimise_values.lower(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer))
+    return optimise_values.lower(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer),
+                                 remat=remat)
 
 
 def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
-                   layer: int, hp: ValueHparams, site: str = "resid", chunk_size: int = 64) -> Values:
-    """Values for all requests, optimised together in chunks of `chunk_size` requests.
+                   layer: int, hp: ValueHparams, site: str = "resid", chunk_size: int = 64,
+                   remat: bool = False) -> Values:
+    """Values for all requests, optimised together in chunks of `chunk_size` requests (remat: see
+    optimise_values; for chunks too large for the device otherwise).
 
     site: "resid" (MEMIT/EMMET: the layer's residual output) or "mlp" (ROME: its MLP output); the
     delta is injected at the same place either way (the MLP output is the last term of the residual).
@@ -385,6 +391,7 @@ def compute_values(params, cfg, tokenizer, requests: Sequence[EditRequest], temp
         check_lengths(lengths, cfg, f"a rewriting prompt (with its target) of case(s) {[r.case_id for r in chunk]}")
         check_token_ids(np.asarray(jax.device_get(batch.tokens)), cfg, "the value optimisation's prompts")
         batch = rows_over_data(mesh_of(params), batch)  # on a mesh, lanes and rows over its data axis
-        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer)))
+        parts.append(optimise_values(params, cfg, batch, jnp.int32(layer), hp, site, window=_window(cfg, layer),
+                                     remat=remat))
     values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
     return values.replace(made_for=made_for)

@@ -162,3 +162,16 @@ def test_layer_window_never_changes_values(tiny_with_tokenizer):
     with pytest.raises(ValueError, match=r"target values of case\(s\) \[1\] contain NaN"):
         editor.edit(params, cfg, tok, REQUESTS, hp_edit, covariances={layer: jnp.eye(cfg.intermediate_size)},
                     templates=(("{}",),), values=poisoned)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_rematerialised_layers_give_the_same_values(tiny_with_tokenizer, window):
+    """remat only changes what the backward pass keeps in memory, never the values."""
+    cfg, params, tok = tiny_with_tokenizer
+    hp = ValueHparams(v_num_grad_steps=4, v_lr=0.5)
+    batch = build_value_batch(tok, REQUESTS, TEMPLATES)
+    plain = optimise_values(params, cfg, batch, jnp.int32(0), hp, "resid", window=window)
+    remat = optimise_values(params, cfg, batch, jnp.int32(0), hp, "resid", window=window, remat=True)
+    assert np.abs(np.asarray(plain.delta)).max() > 0
+    np.testing.assert_allclose(np.asarray(remat.delta), np.asarray(plain.delta), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(remat.steps), np.asarray(plain.steps))
