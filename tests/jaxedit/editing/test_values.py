@@ -164,7 +164,7 @@ def test_layer_window_never_changes_values(tiny_with_tokenizer):
                     templates=(("{}",),), values=poisoned)
 
 
-@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("window", [None, 2])
 def test_rematerialised_layers_give_the_same_values(tiny_with_tokenizer, window):
     """remat only changes what the backward pass keeps in memory, never the values."""
     cfg, params, tok = tiny_with_tokenizer
