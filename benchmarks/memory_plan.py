@@ -100,7 +100,7 @@ def programs(cfg, mesh, hp):
     import jax
     import jax.numpy as jnp
 
-    from jaxedit.editing import covariance, pm, values
+    from jaxedit.editing import covariance, values
     from jaxedit.eval import scoring
 
     sds = jax.ShapeDtypeStruct

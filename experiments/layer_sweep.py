@@ -93,10 +93,10 @@ def main(argv):
 
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
     program.init_jax()
-    cfg, params, tok = world.load_model(FLAGS.model)
+    cfg, params, tok = world.load_model(FLAGS.model, FLAGS.mesh)
     layers = (list(range(cfg.num_hidden_layers)) if FLAGS.layers == "all" else program.parse_int_list(FLAGS.layers))
     n_of = {m: (FLAGS.n_rome if (m == "rome" and FLAGS.n_rome) else FLAGS.n) for m in methods}
-    log = results_log.ResultsLog(FLAGS.out)
+    log = results_log.open_log(FLAGS.out)
     todo = [(m, l) for l in layers for m in methods if not log.is_finished(cell_key(m, l, n_of[m]))]
     logging.info("layer sweep: %d cells, %d already done, %d to run -> %s",
                  len(layers) * len(methods), len(layers) * len(methods) - len(todo), len(todo), FLAGS.out)

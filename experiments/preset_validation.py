@@ -93,8 +93,8 @@ def main(argv):
         raise ValueError(f"--method must be one of {sorted(AXES)}, got {method!r}")
     grid_a, grid_b = _floats(FLAGS.grid_a), _floats(FLAGS.grid_b)
     program.init_jax()
-    cfg, params, tok = world.load_model(FLAGS.model)
-    log = results_log.ResultsLog(FLAGS.out)
+    cfg, params, tok = world.load_model(FLAGS.model, FLAGS.mesh)
+    log = results_log.open_log(FLAGS.out)
     todo = [(a, b) for b in grid_b for a in grid_a if not log.is_finished(cell_key(method, a, b, FLAGS.n))]
     cases = world.load_cases(FLAGS.counterfact, n=FLAGS.n, seed=FLAGS.seed)
     before = records.aggregate_dict(metrics.evaluate(params, cfg, tok, cases, progress=None).aggregate)

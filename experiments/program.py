@@ -34,13 +34,38 @@ def define_common_flags(default_out: str):
                         "$JAXEDIT_JIT_CACHE, else <cache dir>/jit; see jaxedit.compilation_cache)")
     flags.DEFINE_float("test_pause_after_cell", 0.0, "testing hook: sleep this long after each finished "
                        "cell (lets a test kill a tiny run mid-way)")
+    flags.DEFINE_string("mesh", None, "DATAxMODEL (e.g. 2x4): lay the params out on a device mesh over all "
+                        "processes' devices (llama3_flax.sharding); default: one device")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes "
+                        "(jax.distributed; every process runs the same command with its own --process_id)")
+    flags.DEFINE_integer("num_processes", 1, "processes of one run (each finished cell is written once, by "
+                         "process 0)")
+    flags.DEFINE_integer("process_id", 0, "this process's index, 0..num_processes-1")
+    flags.DEFINE_integer("heartbeat_timeout", 60, "seconds after which the processes of a run give up on one "
+                         "that stopped answering (it died), with an error naming it")
     flags.DEFINE_boolean("value_cache", True, "keep target values on disk per (model, layer, hparams, "
                          "templates) and request content, so sweeps sharing the unedited model reuse them")
 
 
 def init_jax(jit_cache: str | None = None):
-    """Turns on JAX's persistent compilation cache (restarts skip recompiling); --jit_cache=off disables it."""
+    """Joins the other processes of the run (--num_processes > 1: jax.distributed) and turns on JAX's
+    persistent compilation cache (restarts skip recompiling); --jit_cache=off disables it."""
+    from jaxedit import distributed
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
     compilation_cache.enable(FLAGS.jit_cache if jit_cache is None else jit_cache)
+
+
+def parse_mesh(text: str | None) -> tuple[int, int] | None:
+    """--mesh "DxM" -> (D, M); None for one device."""
+    if not text:
+        return None
+    try:
+        data, model = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh={text!r}: expected DATAxMODEL, e.g. 2x4") from None
+    return data, model
 
 
 def parse_int_list(text: str | Sequence) -> list[int]:

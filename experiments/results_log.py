@@ -153,13 +153,17 @@ def key_id(key: Mapping) -> str:
 class ResultsLog:
     """Append-only JSONL results of one program, its only writer (see the module docstring).
 
-    Raises ResultsFileInUse when another process holds the file."""
+    Raises ResultsFileInUse when another process holds the file. With write=False (the other
+    processes of a jax.distributed run: see `open_log`) it reads the file and keeps appended records
+    in memory only, so every process knows which cells are finished and each cell is written once."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, write: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _lock_for_writing(self.path)  # before the repair: it may rewrite the file
-        self.records = read_jsonl(self.path, repair=True)
+        self.write = write
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _lock_for_writing(self.path)  # before the repair: it may rewrite the file
+        self.records = read_jsonl(self.path, repair=write) if (write or self.path.exists()) else []
 
     def finished(self) -> set[str]:
         """key_id of every cell with a final ("type": "cell") record."""
@@ -171,16 +175,27 @@ class ResultsLog:
     def append(self, record: Mapping) -> dict:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
         line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.write:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.records.append(json.loads(line))
         if record.get("type") == "cell" and _test_pause():
             time.sleep(_test_pause())
         return record
+
+
+def open_log(path: str | os.PathLike) -> ResultsLog:
+    """The program's results log: process 0 of a jax.distributed run (or the only process) writes
+    it; the others read it once process 0 has locked and repaired it, and never write."""
+    from jaxedit import distributed
+
+    log = ResultsLog(path) if distributed.is_writer() else None
+    distributed.agree(f"results file {path} open")
+    return log if log is not None else ResultsLog(path, write=False)
 
 
 def _test_pause() -> float:

@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from experiments.program import init_jax, parse_int_list
-from experiments.results_log import ResultsLog
+from experiments import results_log
+from experiments.results_log import open_log
 from experiments.world import hparams_from_flags, load_model
 
 
@@ -20,7 +21,7 @@ class BatchSizeSweep:
     tok: Any
     hps: dict
     layer: int
-    log: "ResultsLog"
+    log: "results_log.ResultsLog"
     todo: list
 
 
@@ -29,10 +30,10 @@ def plan_batch_size_sweep(flags_, cell_key, name: str, extra: str = "") -> Batch
     methods = [m.strip() for m in flags_.methods.split(",") if m.strip()]
     sizes = parse_int_list(flags_.batch_sizes)
     init_jax()
-    cfg, params, tok = load_model(flags_.model)
+    cfg, params, tok = load_model(flags_.model, flags_.mesh)
     hps = {m: hparams_from_flags(m, flags_.layer) for m in methods}
     layer = hps[methods[0]].layers[0]
-    log = ResultsLog(flags_.out)
+    log = open_log(flags_.out)
     todo = [(m, b) for b in sizes for m in methods if not log.is_finished(cell_key(m, layer, b))]
     logging.info("%s at layer %d%s: %d cells to run (%d done) -> %s", name, layer, extra, len(todo),
                  len(sizes) * len(methods) - len(todo), flags_.out)

@@ -60,6 +60,7 @@ class ValueCache:
         one batched call."""
         import jax
         import jax.numpy as jnp
+        from jaxedit.distributed import is_writer, to_host
         from jaxedit.editing import editor
         from jaxedit.editing.values import Values, ValuesFor, request_digest
 
@@ -86,13 +87,15 @@ class ValueCache:
                 missing.append(r)
                 missing_names.add(name)
         if missing:
-            vals = jax.device_get(editor.edit_values(self.params, self.cfg, self.tok, missing, hp,
-                                                     templates=groups, chunk_size=chunk_size))
+            vals = jax.tree_util.tree_map(to_host, editor.edit_values(self.params, self.cfg, self.tok, missing, hp,
+                                                                      templates=groups, chunk_size=chunk_size))
             folder.mkdir(parents=True, exist_ok=True)
             for i, r in enumerate(missing):
                 name = request_file_name(r)
                 row = {f: np.asarray(getattr(vals, f)[i]) for f in _VALUE_FIELDS}
                 have[name] = row
+                if not is_writer():  # one process of a jax.distributed run writes the shared cache
+                    continue
                 tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}.npz"
                 np.savez(tmp, **row)
                 os.replace(tmp, folder / name)

@@ -15,13 +15,23 @@ from experiments.program import FLAGS, TINY
 from jaxedit import testing
 
 
-def load_model(spec: str):
-    """(cfg, params, tokenizer) for a --model value."""
-    if spec == TINY:
-        return testing.tiny_model()
-    from llama3_flax import checkpoint
+def load_model(spec: str, mesh: str | None = None):
+    """(cfg, params, tokenizer) for a --model value, the params laid out on a --mesh ("DxM") over all
+    processes' devices when given."""
+    from experiments.program import parse_mesh
 
-    return checkpoint.load_model(spec)
+    if spec == TINY:
+        cfg, params, tok = testing.tiny_model()
+    else:
+        from llama3_flax import checkpoint
+
+        cfg, params, tok = checkpoint.load_model(spec)
+    shape = parse_mesh(mesh)
+    if shape is not None:
+        from llama3_flax import sharding
+
+        params = sharding.shard_params(params, cfg, sharding.make_mesh(*shape))
+    return cfg, params, tok
 
 
 def preset_name(spec: str) -> str:

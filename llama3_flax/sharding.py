@@ -134,6 +134,9 @@ def rows_over_data(mesh: Mesh | None, tree):
     def place(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         spec = PartitionSpec(DATA) if (x.ndim and x.shape[0] % n == 0) else PartitionSpec()
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        sharding = NamedSharding(mesh, spec)
+        if isinstance(x, np.ndarray):  # every process holds the same batch: each device takes its slice
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map(place, tree)

@@ -36,6 +36,7 @@ from jaxedit.data.corpus import CorpusSpec, corpus_samples
 from jaxedit.editing import tokenize
 from jaxedit.editing.covariance_cache import CACHE_FORMAT, cache_file, read_cache, write_cache
 from jaxedit.hparams import PRODUCT_DTYPES, CovarianceHparams
+from jaxedit.distributed import is_writer, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,8 @@ def preservation_covariance(params: llama.Params, cfg: LlamaConfig, tokenizer, l
                 path = cache_file(cache_dir, keys[layer], corpus.tag())
                 provenance = dict(keys[layer], corpus=corpus.describe(), n_samples_used=len(samples), n_tokens=count,
                                   created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                write_cache(path, np.asarray(c0), count, provenance)
+                if is_writer():  # one process of a jax.distributed run writes the shared cache
+                    write_cache(path, to_host(c0), count, provenance)
                 logger.info("covariance of layer %d cached at %s", layer, path)
     return {l: out[l] for l in wanted}
 

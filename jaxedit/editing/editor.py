@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.cache import model_fingerprint
+from jaxedit.distributed import to_host
 from jaxedit.editing import pm, preflight
 from jaxedit.hparams import EditHparams
 from jaxedit.editing.keys import keys_at_layers, outputs_at_subject
@@ -155,7 +156,7 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
     values = jax.block_until_ready(values)
     seconds["values"] = time.perf_counter() - t0
     if not bool(jnp.all(jnp.isfinite(values.target))):
-        bad = [requests[i].case_id for i in np.flatnonzero(~np.all(np.isfinite(np.asarray(values.target)), axis=1))]
+        bad = [requests[i].case_id for i in np.flatnonzero(~np.all(np.isfinite(to_host(values.target)), axis=1))]
         raise ValueError(f"target values of case(s) {bad[:8]} contain NaN or inf; nothing was edited")
 
     new, solves, norms, written = params, [], [], []

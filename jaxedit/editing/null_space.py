@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-import jax
 import numpy as np
 
 from jaxedit.cache import atomic_write_bytes
 from jaxedit.editing import pm
+from jaxedit.distributed import to_host
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def preservation_null_spaces(covariances: Mapping[int, object], threshold: float
             if eigen is None:
                 logger.warning("ignoring the cached eigendecomposition %s: %s; recomputing", path, why)
         if eigen is None:
-            eigen = tuple(np.asarray(x) for x in jax.device_get(pm.eigen_preservation(c)))
+            eigen = tuple(to_host(x) for x in pm.eigen_preservation(c))
             if path is not None:
                 _write(path, digest, *eigen)
         out[layer] = pm.null_space(c, threshold, eigen=eigen)

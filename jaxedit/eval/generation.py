@@ -15,6 +15,7 @@ from llama3_flax.config import LlamaConfig
 from jaxedit.editing import tokenize
 from jaxedit.packing import plan_buckets
 from jaxedit.progress import progress_bar
+from jaxedit.distributed import to_host
 
 
 _WORD_RE = re.compile(r"\w+(?=n't\b)|n't\b|'\w+|\w+|\.\.\.|[^\w\s]")
@@ -98,7 +99,7 @@ def generate_texts(params, cfg: LlamaConfig, tokenizer, prompts: Sequence[str],
         rng = jax.random.fold_in(jax.random.PRNGKey(spec.seed), k)
         new = gen.generate(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), rng, spec.max_new_tokens,
                            spec.top_k, spec.temperature)
-        new = np.asarray(jax.device_get(new))
+        new = to_host(new)
         for r, i in enumerate(b.indices):
             out[i] = prompts[i] + tokenizer.decode(new[r].tolist(), skip_special_tokens=True)
     return out

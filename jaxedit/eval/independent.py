@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxedit.distributed import to_host
 from jaxedit.eval.scoring import LowRankEdits
 
 #: A change whose best rank-r factorisation misses more than this fraction of its norm is refused.
@@ -48,7 +49,8 @@ def change_of(params, edited, layers: Sequence[int], rank: int) -> dict[int, tup
     <= `rank`, e.g. the number of requests of the edit). Other leaves must be unchanged (not checked
     here: the editors change down_proj only)."""
     before, after = params["layers"]["down_proj"], edited["layers"]["down_proj"]
-    return {int(l): low_rank_factors(np.asarray(after[l], np.float64) - np.asarray(before[l], np.float64), rank)
+    # the difference is taken where the weights live (a mesh, several processes), then brought over
+    return {int(l): low_rank_factors(to_host(after[l].astype(np.float32) - before[l].astype(np.float32)), rank)
             for l in layers}
 
 

@@ -29,6 +29,7 @@ from jaxedit import packing
 from jaxedit.editing import tokenize
 from jaxedit.packing import first_fit_decreasing
 from jaxedit.progress import progress_bar
+from jaxedit.distributed import to_host
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -261,7 +262,7 @@ def score_encoded(params, cfg: LlamaConfig, encoded: Sequence[EncodedPair], batc
         nll = score_tree_rows(params, cfg, jnp.asarray(tokens), jnp.asarray(depths), jnp.asarray(ends),
                               pad(predictors, u), pad(which, m), pad(ids, m),
                               None if edits is None else edits.device_updates(token_group))
-        np.add.at(total, pair, np.asarray(jax.device_get(nll), np.float64)[:len(slots)])
+        np.add.at(total, pair, np.asarray(to_host(nll), np.float64)[:len(slots)])
     return total / np.asarray([len(e.target_ids) for e in encoded], np.float64)
 
 
