@@ -72,6 +72,21 @@ def main(which: str, out_path: str) -> None:
             **{k: relative(got[k], ref[k]) for k in ("keys", "c0", "values", "delta", "nll")},
             "same_decisions": got["decisions"] == ref["decisions"],
         }
+    if which == "tiny":  # bfloat16 weights end to end: float32 sums and C0, float64 solve, bf16 written
+        import jax.numpy as jnp
+        from llama3_flax import model as lmodel
+
+        half = lmodel.matrices_as(params, jnp.bfloat16)
+        ref16 = stages(half, cfg, tok, cases, hp, groups)
+        sharded = sharding.shard_params(half, cfg, sharding.make_mesh(2, 4))
+        got16 = stages(sharded, cfg, tok, cases, hp, groups)
+        new_dtype = str(editor.add_to_down_proj(sharded, hp.layers[0], got16["delta"]).get("layers")["down_proj"].dtype)
+        report["bfloat16"] = {"c0_dtype": str(world.covariances(sharded, cfg, tok, hp.layers, hp, None,
+                                                                progress=False)[hp.layers[0]].dtype),
+                              "down_proj_dtype": new_dtype,
+                              **{k: relative(got16[k], ref16[k]) for k in ("keys", "c0", "values", "delta", "nll")},
+                              "vs_float32": {k: relative(ref16[k], ref[k]) for k in ("keys", "values", "delta", "nll")},
+                              "same_decisions": got16["decisions"] == ref16["decisions"]}
     report["global_shape"] = list(params["layers"]["down_proj"].shape)
     report["delta_norm"] = float(np.linalg.norm(ref["delta"]))
     with open(out_path, "w") as f:

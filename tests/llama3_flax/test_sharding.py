@@ -46,6 +46,15 @@ def test_every_stage_on_every_mesh_equals_one_device(which, tmp_path):
         for stage in ("keys", "c0", "values", "delta", "nll"):
             assert r[stage] <= 1e-5, (mesh, stage, r[stage])
         assert r["same_decisions"], mesh
+    if which == "tiny":
+        # bfloat16 weights on a 2x4 mesh against bfloat16 on one device: C0 accumulates in float32,
+        # the solve runs in float64 and the update is written in bfloat16; activations are rounded
+        # to bfloat16 at each matmul, so the order of float32 sums shows at bfloat16's 3 digits
+        half = report["bfloat16"]
+        assert half["c0_dtype"] == "float32" and half["down_proj_dtype"] == "bfloat16"
+        for stage in ("keys", "c0", "values", "delta", "nll"):
+            assert half[stage] <= 1e-2, (stage, half)
+        assert half["same_decisions"]
 
 
 def test_rules_that_do_not_fit_are_refused():
