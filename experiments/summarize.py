@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import records, results_log
+from experiments import paired, records, results_log
 from jaxedit.eval import intervals
 from jaxedit.methods import METHODS
 from jaxedit.eval.metrics import harmonic_mean
@@ -99,6 +99,15 @@ def _label(key: Mapping, many_models: bool) -> str:
     return f"{name} ({key.get('model')})" if many_models else name
 
 
+def _paired_section(rows) -> str:
+    """The paired differences a sweep's findings rest on (experiments.paired), as a markdown section."""
+    if not rows:
+        return ""
+    return ("\n### Paired differences (same cases; bootstrap 95% interval)\n\n"
+            "A − B on the cases both share; `higher`/`lower`: the interval excludes 0, else `cannot tell`.\n\n"
+            + md_table(paired.HEADER, rows) + "\n")
+
+
 def _plt():
     import matplotlib
 
@@ -131,6 +140,7 @@ def layer_sweep(records, out_dir: Path) -> str:
         best.append(f"- {label}: best S {_f(top['aggregate']['s'])} at layer {top['key']['layer']}")
     text = ("## Layer sweep (single edits, each on the unedited model)\n\nEach metric: the aggregate over the "
             "cell's cases [bootstrap 95% interval over cases].\n\n" + table) + "\n\n" + "\n".join(best) + "\n"
+    text += _paired_section(paired.layer_rows(cells, lambda k: _label(k, many)))
     (out_dir / "layer_sweep.md").write_text(text)
 
     _metric_panels(cells, many, "layer", "edit layer", "Single edits by layer (N per cell in layer_sweep.md)",
@@ -180,6 +190,7 @@ def batch_sweep(records, out_dir: Path) -> str:
     text = ("## Batch sweep (one batch edit per cell; metrics over the batch's cases)\n\nEach metric: the "
             "aggregate over the cell's cases [bootstrap 95% interval over cases].\n\n"
             + md_table(["method", "layer", "batch size", *[k.upper() for k in SHOWN]], rows) + "\n")
+    text += _paired_section(paired.batch_rows(cells, lambda k: _label(k, many)))
     (out_dir / "batch_sweep.md").write_text(text)
 
     # the same cases unedited, dashed: NS is read against it
@@ -257,6 +268,7 @@ def sequential_sweep(records, out_dir: Path, max_rows: int = 8, max_points: int 
              f"With more than {max_rows} batches, consecutive batches are grouped and their scores averaged.\n\n"
              + md_table(["method", "batch size", "batches", "edits so far", *[k.upper() for k in SHOWN]],
                         per_batch_rows) + "\n")
+    text += _paired_section(paired.sequential_rows([cells[k] for k in keys], lambda k: _label(k, many)))
     (out_dir / "sequential_sweep.md").write_text(text)
 
     plt = _plt()
