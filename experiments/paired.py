@@ -25,6 +25,8 @@ def verdict(interval) -> str:
 
 def compare(label: str, after: Sequence[Mapping], before: Sequence[Mapping], n_resamples: int = 1000) -> list | None:
     """One table row: label, shared cases, each metric's difference [interval], and S's verdict."""
+    if not after or not before:  # records without per-case rows
+        return None
     a, b = intervals.paired_cases(after, before)
     if len(a) < 2:
         return None
@@ -46,13 +48,13 @@ def layer_rows(cells: Sequence[Mapping], label) -> list[list]:
         last = max(mine)
         for layer in dict.fromkeys((best, 3, last)):
             if layer in mine and mine[layer].get("before_cases"):
-                rows.append(compare(f"{method} layer {layer} − unedited", mine[layer]["cases"],
+                rows.append(compare(f"{method} layer {layer} − unedited", mine[layer].get("cases"),
                                     mine[layer]["before_cases"]))
         if best != last:
-            rows.append(compare(f"{method} layer {best} (best S) − layer {last}", mine[best]["cases"], mine[last]["cases"]))
+            rows.append(compare(f"{method} layer {best} (best S) − layer {last}", mine[best].get("cases"), mine[last].get("cases")))
         first = min(mine)
         if first not in (best, last):
-            rows.append(compare(f"{method} layer {first} − layer {last}", mine[first]["cases"], mine[last]["cases"]))
+            rows.append(compare(f"{method} layer {first} − layer {last}", mine[first].get("cases"), mine[last].get("cases")))
     return [r for r in rows if r]
 
 
@@ -67,13 +69,13 @@ def batch_rows(cells: Sequence[Mapping], label) -> list[list]:
         order = sorted(sizes)
         for b in order:
             if sizes[b].get("before_cases"):
-                rows.append(compare(f"{method} B={b} − unedited", sizes[b]["cases"], sizes[b]["before_cases"]))
+                rows.append(compare(f"{method} B={b} − unedited", sizes[b].get("cases"), sizes[b]["before_cases"]))
         for small, big in zip(order, order[1:]):
-            rows.append(compare(f"{method} B={big} − B={small} (the B={small} cases)", sizes[big]["cases"],
-                                sizes[small]["cases"]))
+            rows.append(compare(f"{method} B={big} − B={small} (the B={small} cases)", sizes[big].get("cases"),
+                                sizes[small].get("cases")))
     if "EMMET" in by and "MEMIT" in by:
         for b in sorted(set(by["EMMET"]) & set(by["MEMIT"])):
-            rows.append(compare(f"EMMET − MEMIT at B={b}", by["EMMET"][b]["cases"], by["MEMIT"][b]["cases"]))
+            rows.append(compare(f"EMMET − MEMIT at B={b}", by["EMMET"][b].get("cases"), by["MEMIT"][b].get("cases")))
     return [r for r in rows if r]
 
 
@@ -89,8 +91,8 @@ def sequential_rows(cells: Sequence[Mapping], label) -> list[list]:
         for b in sorted(sizes):
             c = sizes[b]
             if c.get("before_cases"):
-                rows.append(compare(f"{method} batches of {b}, all edits − unedited", c["final_cases"], c["before_cases"]))
+                rows.append(compare(f"{method} batches of {b}, all edits − unedited", c.get("final_cases"), c["before_cases"]))
             if b != largest:
-                rows.append(compare(f"{method} batches of {b} − batches of {largest}", c["final_cases"],
-                                    sizes[largest]["final_cases"]))
+                rows.append(compare(f"{method} batches of {b} − batches of {largest}", c.get("final_cases"),
+                                    sizes[largest].get("final_cases")))
     return [r for r in rows if r]
