@@ -1,6 +1,7 @@
 """Two processes on localhost (4 forced host devices each, CPU collectives over gloo) on one global
-2x4 mesh: a MEMIT edit equals the one-process edit; a sweep writes every cell once, also when one
-process dies mid-way (the other stops with an error naming it) and the sweep is run again."""
+2x4 mesh: a MEMIT edit equals the one-process edit (C0, Delta W, NLLs); a sweep writes every cell
+once, also when one process dies mid-way (the other stops with an error naming it) and the sweep is
+run again."""
 import os
 import signal
 import socket
@@ -107,19 +108,6 @@ def test_a_two_process_sweep_writes_each_cell_once_also_after_a_process_dies(tmp
     assert all(p.returncode == 0 for p in again), "\n".join(l[-3000:] for l in logs)
     cells = _cells(out)
     assert sorted(c["key"]["layer"] for c in cells) == [0, 1, 2, 3]  # every cell, each written once
-
-    # and the same numbers as one process on one device
-    single = tmp_path / "single.jsonl"
-    run = subprocess.run([sys.executable, *base[:6], "--v_steps=2", f"--out={single}",
-                          f"--cache_dir={tmp_path / 'cache1'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = {c["key"]["layer"]: c for c in _cells(single)}
-    for c in cells:
-        ref = one[c["key"]["layer"]]
-        assert [(x["es"], x["ps"], x["ns"]) for x in c["cases"]] == [(x["es"], x["ps"], x["ns"]) for x in ref["cases"]]
-        # EM in percent: 1e-2 is a probability difference of 1e-4, float noise through 2 Adam steps
-        np.testing.assert_allclose([x["em"] for x in c["cases"]], [x["em"] for x in ref["cases"]], atol=1e-2)
 
 
 def test_bad_settings_are_refused():

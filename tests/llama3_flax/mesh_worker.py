@@ -27,14 +27,20 @@ def relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def stages(params, cfg, tok, cases, hp, groups) -> dict:
-    """keys, C0, values, the solve (dW) and scoring of one MEMIT edit, as host arrays."""
+def stages(params, cfg, tok, cases, hp, groups, c0=None) -> dict:
+    """keys, C0, values, the solve (dW) and scoring of one MEMIT edit, as host arrays.
+
+    c0: the C0 the solve uses (default: the one computed here). Comparing each stage alone, the
+    sharded solve gets the one-device C0: a C0 from a few thousand tokens is ill-conditioned, and its
+    float noise would be amplified into dW whatever the sharding.
+    """
     layer = hp.layers[0]
     out = {"keys": keys.keys_at_layers(params, cfg, tok, cases, groups, [layer])[0]}
     out["c0"] = world.covariances(params, cfg, tok, [layer], hp, None, progress=False)[layer]
     values = editor.edit_values(params, cfg, tok, cases, hp, templates=groups)
     out["values"] = values.target
-    new, _ = editor.edit(params, cfg, tok, cases, hp, covariances={layer: out["c0"]}, templates=groups, values=values)
+    solve_c0 = out["c0"] if c0 is None else c0
+    new, _ = editor.edit(params, cfg, tok, cases, hp, covariances={layer: solve_c0}, templates=groups, values=values)
     out["delta"] = new["layers"]["down_proj"][layer] - params["layers"]["down_proj"][layer]
     res = metrics.evaluate(new, cfg, tok, cases, batch_size=4)
     out["nll"] = np.asarray([c.rewrite_nll + c.paraphrase_nll + c.neighborhood_nll for c in res.cases])
@@ -54,7 +60,9 @@ def main(which: str, out_path: str) -> None:
         cases = tuple(counterfact.load_counterfact("edit", n=2, seed=0))
     # C0 from enough tokens to be positive definite (more than d_ff = 1536 for SmolLM2), few steps
     samples = 16 if which == "tiny" else 64
-    hp = world.hparams_for(spec, "memit", v_steps=3, cov_samples=samples, cov_max_length=64)
+    # SmolLM2 edits a late layer (27): the same sharded programs, a shorter differentiated loop to compile
+    hp = world.hparams_for(spec, "memit", layer=None if which == "tiny" else 27, v_steps=3, cov_samples=samples,
+                           cov_max_length=64)
     groups = world.templates(params, cfg, tok, hp, None)
     ref = stages(params, cfg, tok, cases, hp, groups)
     report = {"meshes": {}}
@@ -63,7 +71,7 @@ def main(which: str, out_path: str) -> None:
         sharded = sharding.shard_params(params, cfg, mesh)
         w = sharded["layers"]["down_proj"]
         shard_shapes = sorted({tuple(s.data.shape) for s in w.addressable_shards})
-        got = stages(sharded, cfg, tok, cases, hp, groups)
+        got = stages(sharded, cfg, tok, cases, hp, groups, c0=ref["c0"])
         report["meshes"][f"{data}x{model}"] = {
             "down_proj_spec": [str(x) for x in w.sharding.spec],
             "down_proj_shard_shapes": shard_shapes,
@@ -79,7 +87,7 @@ def main(which: str, out_path: str) -> None:
         half = lmodel.matrices_as(params, jnp.bfloat16)
         ref16 = stages(half, cfg, tok, cases, hp, groups)
         sharded = sharding.shard_params(half, cfg, sharding.make_mesh(2, 4))
-        got16 = stages(sharded, cfg, tok, cases, hp, groups)
+        got16 = stages(sharded, cfg, tok, cases, hp, groups, c0=ref16["c0"])
         new_dtype = str(editor.add_to_down_proj(sharded, hp.layers[0], got16["delta"]).get("layers")["down_proj"].dtype)
         report["bfloat16"] = {"c0_dtype": str(world.covariances(sharded, cfg, tok, hp.layers, hp, None,
                                                                 progress=False)[hp.layers[0]].dtype),
