@@ -60,9 +60,7 @@ def main(which: str, out_path: str) -> None:
         cases = tuple(counterfact.load_counterfact("edit", n=2, seed=0))
     # C0 from enough tokens to be positive definite (more than d_ff = 1536 for SmolLM2), few steps
     samples = 16 if which == "tiny" else 64
-    # SmolLM2 edits a late layer (27): the same sharded programs, a shorter differentiated loop to compile
-    hp = world.hparams_for(spec, "memit", layer=None if which == "tiny" else 27, v_steps=3, cov_samples=samples,
-                           cov_max_length=64)
+    hp = world.hparams_for(spec, "memit", v_steps=3, cov_samples=samples, cov_max_length=64)
     groups = world.templates(params, cfg, tok, hp, None)
     ref = stages(params, cfg, tok, cases, hp, groups)
     report = {"meshes": {}}
