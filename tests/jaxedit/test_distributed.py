@@ -85,7 +85,7 @@ def test_a_two_process_sweep_writes_each_cell_once_also_after_a_process_dies(tmp
         return lambda i: base + [f"--coordinator_address=localhost:{port}", f"--process_id={i}",
                                  f"--test_pause_after_cell={pause}"]
 
-    first = _pair(args(_port(), pause=30))
+    first = _pair(args(_port(), pause=5))
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not _cells(out) and all(p.poll() is None for p in first):
