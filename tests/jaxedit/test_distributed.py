@@ -77,9 +77,9 @@ def _cells(path):
 
 def test_a_two_process_sweep_writes_each_cell_once_also_after_a_process_dies(tmp_path):
     out, cache = tmp_path / "layer.jsonl", tmp_path / "cache"
-    base = ["-m", "experiments.layer_sweep", "--model=tiny-random", "--layers=0,1,2,3", "--methods=memit", "--n=2",
+    base = ["-m", "experiments.layer_sweep", "--model=tiny-random", "--layers=0,1", "--methods=memit", "--n=2",
             "--v_steps=2", f"--out={out}", f"--cache_dir={cache}", "--mesh=2x4", "--num_processes=2",
-            "--heartbeat_timeout=10", f"--jit_cache={tmp_path / 'jit'}"]
+            "--heartbeat_timeout=5", f"--jit_cache={tmp_path / 'jit'}"]
 
     def args(port, pause=0):
         return lambda i: base + [f"--coordinator_address=localhost:{port}", f"--process_id={i}",
@@ -101,13 +101,13 @@ def test_a_two_process_sweep_writes_each_cell_once_also_after_a_process_dies(tmp
     # the survivor stops, naming the process that died (task 1) instead of waiting forever
     assert "unhealthy (stopped sending heartbeats):\n1\n" in log0, log0[-3000:]
     done = [c["key"]["layer"] for c in _cells(out)]
-    assert len(done) == len(set(done)) and len(done) < 4
+    assert len(done) == len(set(done)) and len(done) < 2
 
     again = _pair(args(_port()))
     logs = _finish(again)
     assert all(p.returncode == 0 for p in again), "\n".join(l[-3000:] for l in logs)
     cells = _cells(out)
-    assert sorted(c["key"]["layer"] for c in cells) == [0, 1, 2, 3]  # every cell, each written once
+    assert sorted(c["key"]["layer"] for c in cells) == [0, 1]  # every cell, each written once
 
 
 def test_bad_settings_are_refused():

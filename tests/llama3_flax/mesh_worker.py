@@ -7,6 +7,7 @@ set before JAX starts, and the rest of the suite keeps one device):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -53,9 +54,11 @@ def main(which: str, out_path: str) -> None:
     if which == "tiny":
         cfg, params, tok = world.load_model("tiny-random")
         spec = "tiny-random"
-        cases = tuple(counterfact.load_counterfact("edit", n=4, seed=0))
-    else:
+        cases = tuple(counterfact.load_counterfact("edit", n=2, seed=0))
+    else:  # SmolLM2's weights, widths and tokenizer; its first 8 of 30 layers (sharding acts per layer)
         cfg, params, tok = world.load_model("smollm2")
+        cfg = dataclasses.replace(cfg, num_hidden_layers=8)
+        params = {**params, "layers": {k: v[:8] for k, v in params["layers"].items()}}
         spec = "smollm2"
         cases = tuple(counterfact.load_counterfact("edit", n=2, seed=0))
     # C0 from enough tokens to be positive definite (more than d_ff = 1536 for SmolLM2), few steps

@@ -70,18 +70,18 @@ def test_rome_one_at_a_time(world):
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
     before = snapshot(params)
     # Independent single edits of the same model: their values are optimised together in one batch.
-    vals = editor.edit_values(params, cfg, tok, cases[:8], hp, templates=g)
+    vals = editor.edit_values(params, cfg, tok, cases[:6], hp, templates=g)
     alone, changes = [], []
-    for i, case in enumerate(cases[:8]):
+    for i, case in enumerate(cases[:6]):
         one = vals.select(i)
         new, _ = editor.edit(params, cfg, tok, [case], hp, covariances=covs, templates=g, values=one)
         alone.append(metrics.evaluate(new, cfg, tok, [case]).cases[0])
         changes.append(independent.change_of(params, new, hp.layers, rank=1))
     assert unchanged(params, before)
     wins = [c.es / 100 for c in alone]
-    assert sum(wins) >= 7, wins
-    # the same eight edits scored in one pass on the unedited model, each case under its own edit
-    together = metrics.evaluate(params, cfg, tok, cases[:8], edits=independent.stack_changes(changes)).cases
+    assert sum(wins) >= 5, wins
+    # the same six edits scored in one pass on the unedited model, each case under its own edit
+    together = metrics.evaluate(params, cfg, tok, cases[:6], edits=independent.stack_changes(changes)).cases
     for one_pass, separate in zip(together, alone):
         for kind in ("rewrite_nll", "paraphrase_nll", "neighborhood_nll"):
             np.testing.assert_allclose(getattr(one_pass, kind), getattr(separate, kind), rtol=1e-5, atol=1e-5)
@@ -98,25 +98,25 @@ def test_rome_on_memit_output_keeps_both_edits(world, memit_edited):
     assert sum(efficacy(both, cfg, tok, cases[:8])) >= 7
 
 
-def test_sequential_batched_32_in_batches_of_8(world):
+def test_sequential_batched_16_in_batches_of_8(world):
     cfg, params, tok, covs, cache, cases = world
     hp = preset("smollm2-135m", "memit")
     hp = hp.replace(value=dataclasses.replace(hp.value, v_num_grad_steps=10))  # cheaper; efficacy is reported
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
     final, outcomes = schedule.sequential_batched_edit(
-        params, cfg, tok, cases[9:41], hp, covariances=covs, templates=g, batch_size=8, progress=False,
+        params, cfg, tok, cases[9:25], hp, covariances=covs, templates=g, batch_size=8, progress=False,
         after_batch=lambda i, p, batch, rep: metrics.evaluate(p, cfg, tok, batch).aggregate.es)
     per_batch = [o.extra for o in outcomes]
     print("per-batch efficacy right after each batch:", per_batch)
-    assert len(per_batch) == 4 and all(0 <= e <= 100 for e in per_batch)
-    assert np.mean(per_batch) > metrics.evaluate(params, cfg, tok, cases[9:41]).aggregate.es
+    assert len(per_batch) == 2 and all(0 <= e <= 100 for e in per_batch)
+    assert np.mean(per_batch) > metrics.evaluate(params, cfg, tok, cases[9:25]).aggregate.es
     assert [o.report.case_ids for o in outcomes] == [tuple(c.case_id for c in cases[9 + 8 * b: 17 + 8 * b])
-                                                      for b in range(4)]
+                                                      for b in range(2)]
 
 
-def test_alphaedit_sequential_32_edits_keep_earlier_ones(world):
-    """32 edits in 4 sequential batches of 8: AlphaEdit carries the earlier batches' keys, so the
-    first batch's edits survive the next three."""
+def test_alphaedit_sequential_16_edits_keep_earlier_ones(world):
+    """16 edits in 2 sequential batches of 8: AlphaEdit carries the earlier batch's keys, so the first
+    batch's edits survive the next."""
     cfg, params, tok, covs, cache, cases = world
     hp = preset("smollm2-135m", "alphaedit")
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
@@ -127,13 +127,13 @@ def test_alphaedit_sequential_32_edits_keep_earlier_ones(world):
         if index == 0:
             first_after_own_batch.extend(efficacy(new_params, cfg, tok, batch))
 
-    final, outcomes = schedule.sequential_batched_edit(params, cfg, tok, cases[:32], hp, covariances=covs,
+    final, outcomes = schedule.sequential_batched_edit(params, cfg, tok, cases[:16], hp, covariances=covs,
                                                        templates=g, batch_size=8, after_batch=after_batch,
                                                        progress=False)
     assert unchanged(params, before)
-    assert len(outcomes) == 4 and all(not o.report.warnings for o in outcomes)
-    everything = efficacy(final, cfg, tok, cases[:32])
+    assert len(outcomes) == 2 and all(not o.report.warnings for o in outcomes)
+    everything = efficacy(final, cfg, tok, cases[:16])
     first_at_end = everything[:8]
     assert sum(first_after_own_batch) >= 7, first_after_own_batch
     assert sum(first_at_end) >= 7, (first_after_own_batch, first_at_end)
-    assert sum(everything) >= 28, everything
+    assert sum(everything) >= 14, everything
