@@ -38,7 +38,8 @@ def _knowns(path: Path) -> None:
 
 
 def _run(tmp_path, knowns, out, n_facts):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # small programs: compiling dominates, so compile less
     args = [sys.executable, "-m", "experiments.causal_trace", "--model=tiny-random", f"--knowns={knowns}",
             f"--n_facts={n_facts}", "--noise_samples=2", f"--out={out}", f"--results_dir={tmp_path / 'results'}",
             f"--jit_cache={tmp_path / 'jit'}", f"--cache_dir={tmp_path / 'cache'}"]

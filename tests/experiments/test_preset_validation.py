@@ -20,7 +20,8 @@ def test_choose_keeps_neighbourhood_within_margin():
 
 def test_grid_runs_and_resumes(tmp_path):
     out = tmp_path / "validation.jsonl"
-    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # small programs: compiling dominates, so compile less
     args = [sys.executable, "-m", "experiments.preset_validation", "--model=tiny-random", "--method=memit",
             "--grid_a=10,1000", "--grid_b=1", "--n=3", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}",
             "--v_steps=2"]

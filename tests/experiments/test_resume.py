@@ -23,7 +23,8 @@ def _cells(path):
 
 def test_layer_sweep_killed_and_restarted_runs_each_cell_once(tmp_path):
     out = tmp_path / "layer.jsonl"
-    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # small programs: compiling dominates, so compile less
     args = ["experiments.layer_sweep", "--model=tiny-random", "--layers=0,1,2,3", "--methods=memit", "--n=2",
             f"--out={out}", f"--cache_dir={tmp_path / 'cache'}", "--v_steps=2"]
     first = args + ["--test_pause_after_cell=3"]
@@ -57,7 +58,8 @@ def test_layer_sweep_killed_and_restarted_runs_each_cell_once(tmp_path):
 
 def test_a_second_sweep_on_the_same_file_is_refused_and_each_cell_written_once(tmp_path):
     out = tmp_path / "layer.jsonl"
-    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAXEDIT_JIT_CACHE": str(tmp_path / "jit"), "JAX_PLATFORMS": "cpu",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # small programs: compiling dominates, so compile less
     args = ["experiments.layer_sweep", "--model=tiny-random", "--layers=0,1,2", "--methods=memit", "--n=2",
             f"--out={out}", f"--cache_dir={tmp_path / 'cache'}", "--v_steps=2"]
     first = _start(args + ["--test_pause_after_cell=600"], env)  # holds the file until killed

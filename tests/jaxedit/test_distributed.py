@@ -20,7 +20,8 @@ from jaxedit.editing import editor
 from jaxedit.eval import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # small programs: compiling dominates, so compile less
 
 
 def _port() -> int:

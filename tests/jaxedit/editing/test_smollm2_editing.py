@@ -70,18 +70,18 @@ def test_rome_one_at_a_time(world):
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
     before = snapshot(params)
     # Independent single edits of the same model: their values are optimised together in one batch.
-    vals = editor.edit_values(params, cfg, tok, cases[:6], hp, templates=g)
+    vals = editor.edit_values(params, cfg, tok, cases[:5], hp, templates=g)
     alone, changes = [], []
-    for i, case in enumerate(cases[:6]):
+    for i, case in enumerate(cases[:5]):
         one = vals.select(i)
         new, _ = editor.edit(params, cfg, tok, [case], hp, covariances=covs, templates=g, values=one)
         alone.append(metrics.evaluate(new, cfg, tok, [case]).cases[0])
         changes.append(independent.change_of(params, new, hp.layers, rank=1))
     assert unchanged(params, before)
     wins = [c.es / 100 for c in alone]
-    assert sum(wins) >= 5, wins
-    # the same six edits scored in one pass on the unedited model, each case under its own edit
-    together = metrics.evaluate(params, cfg, tok, cases[:6], edits=independent.stack_changes(changes)).cases
+    assert sum(wins) >= 4, wins
+    # the same five edits scored in one pass on the unedited model, each case under its own edit
+    together = metrics.evaluate(params, cfg, tok, cases[:5], edits=independent.stack_changes(changes)).cases
     for one_pass, separate in zip(together, alone):
         for kind in ("rewrite_nll", "paraphrase_nll", "neighborhood_nll"):
             np.testing.assert_allclose(getattr(one_pass, kind), getattr(separate, kind), rtol=1e-5, atol=1e-5)
