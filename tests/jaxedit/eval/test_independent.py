@@ -90,3 +90,40 @@ def test_edits_must_fit_the_cases_and_the_model(tiny):
     wrong_width = independent.stack_changes([{1: (change[1][0][:-1], change[1][1])}] * 5)
     with pytest.raises(ValueError, match="expected"):
         metrics.evaluate(params, cfg, tok, cases, edits=wrong_width)
+
+
+def test_a_small_edit_of_large_weights_is_rank_one_up_to_their_rounding(tiny):
+    """Storing W + dW in float32 rounds every weight: when dW is tiny beside W (a late layer's edit)
+    the stored difference is dW plus noise of norm up to eps * ||W + dW||, which is not rank, while a
+    change of rank 2 is still refused."""
+    cfg, params = tiny
+    rng = np.random.default_rng(3)
+    layer = 1
+    w = params["layers"]["down_proj"][layer]
+    big = {**params, "layers": {**params["layers"], "down_proj": params["layers"]["down_proj"].at[layer].set(w * 1e2)}}
+    tiny_change = _random_change(rng, cfg, 1, 1e-4)
+    edited = add_to_down_proj(big, layer, tiny_change)
+    stored = np.asarray(edited["layers"]["down_proj"][layer]) - np.asarray(big["layers"]["down_proj"][layer])
+    with pytest.raises(ValueError, match="rank above 1"):  # the noise alone exceeds 1e-3 of dW's norm
+        independent.low_rank_factors(stored, 1)
+    left, right = independent.change_of(big, edited, [layer], rank=1)[layer]
+    noise = np.linalg.norm(stored - tiny_change)
+    assert noise > 1e-3 * np.linalg.norm(tiny_change)
+    got = left @ right  # (F, D) = dW.T, up to the projected noise
+    assert np.linalg.norm(got - tiny_change.T) <= 2 * noise
+    rank_two = add_to_down_proj(big, layer, _random_change(rng, cfg, 2, 1e-4))
+    with pytest.raises(ValueError, match=r"rank above 1: .*beyond rounding noise"):
+        independent.change_of(big, rank_two, [layer], rank=1)
+
+
+def test_a_rank_one_change_orthogonal_to_the_first_test_vector_is_found():
+    """A sketch of exactly r Gaussian columns misses a direction nearly orthogonal to them, and noise
+    takes its place; the oversampled sketch still finds it (one of 64 late-layer edits did this)."""
+    rng = np.random.default_rng(4)
+    f, d = 96, 64
+    first = np.random.default_rng(0).standard_normal((f, 1 + independent.OVERSAMPLE))[:, 0]
+    v = rng.standard_normal(f)
+    v -= (v @ first) / (first @ first) * first  # orthogonal to seed 0's first test vector
+    change = np.outer(rng.standard_normal(d), v) + 1e-7 * rng.standard_normal((d, f))
+    left, right = independent.low_rank_factors(change, 1)
+    np.testing.assert_allclose((left @ right).T, change, atol=1e-5)
