@@ -39,20 +39,23 @@ HEADER = ["comparison (A − B)", "shared cases", "ΔES", "ΔPS", "ΔNS", "ΔS",
 
 
 def layer_rows(cells: Sequence[Mapping], label) -> list[list]:
-    """Per method: its best layer (by S), the preset layer 3 and the last layer against unedited, and
-    the best layer against the last."""
+    """Per method: its best layer (by S), the preset layer 3, the middle and the last layer against
+    unedited, and the best layer against the middle and the last one (fixed layers, not chosen after
+    seeing the results, besides the best)."""
     rows = []
     for method in dict.fromkeys(label(c["key"]) for c in cells):
         mine = {c["key"]["layer"]: c for c in cells if label(c["key"]) == method}
         best = max(mine, key=lambda l: mine[l]["aggregate"]["s"] or 0.0)
-        last = max(mine)
-        for layer in dict.fromkeys((best, 3, last)):
+        first, last = min(mine), max(mine)
+        middle = min(mine, key=lambda l: abs(l - (first + last + 1) // 2))
+        for layer in dict.fromkeys((best, 3, middle, last)):
             if layer in mine and mine[layer].get("before_cases"):
                 rows.append(compare(f"{method} layer {layer} − unedited", mine[layer].get("cases"),
                                     mine[layer]["before_cases"]))
-        if best != last:
-            rows.append(compare(f"{method} layer {best} (best S) − layer {last}", mine[best].get("cases"), mine[last].get("cases")))
-        first = min(mine)
+        for other in dict.fromkeys((middle, last)):
+            if other != best:
+                rows.append(compare(f"{method} layer {best} (best S) − layer {other}", mine[best].get("cases"),
+                                    mine[other].get("cases")))
         if first not in (best, last):
             rows.append(compare(f"{method} layer {first} − layer {last}", mine[first].get("cases"), mine[last].get("cases")))
     return [r for r in rows if r]

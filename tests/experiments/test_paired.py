@@ -33,7 +33,7 @@ def test_layer_and_sequential_rows():
               "before_cases": _cases(range(6), 0.0, 50.0)} for l, s, es in ((0, 80.0, 100.0), (3, 70.0, 100.0), (5, 10.0, 0.0))]
     labels = [r[0] for r in paired.layer_rows(layer, _label)]
     assert labels == ["ROME layer 0 − unedited", "ROME layer 3 − unedited", "ROME layer 5 − unedited",
-                      "ROME layer 0 (best S) − layer 5"]
+                      "ROME layer 0 (best S) − layer 3", "ROME layer 0 (best S) − layer 5"]
     seq = [{"key": {"method": "memit", "batch_size": b}, "final_cases": _cases(range(5), es, 50.0)}
            for b, es in ((1, 100.0), (5, 60.0))]
     (row,) = paired.sequential_rows(seq, _label)
