@@ -8,7 +8,9 @@ Two kinds of metrics, both recorded and labelled:
   * "final_all": after the last batch, over all --total cases (in the cell's final "type": "cell"
     record, together with "after_batch_mean", the aggregate of every batch's after-batch scores).
 B = --total is one batch of the same total (the baseline sequential-batched editing is compared with).
-Each cell also records "before": the same cases scored on the unedited model.
+Each cell also records "before": the same cases scored on the unedited model. The first batch of every
+cell edits the unedited model, so its values come from the value cache (--value_cache): computed once,
+shared by every method and by the layer and batch sweeps' cells of the same cases.
 
 Resuming: a cell counts as finished only once its "cell" record is written. A cell interrupted
 mid-way is recomputed from scratch on restart, under a new attempt id; its earlier per-batch records
@@ -29,6 +31,7 @@ from experiments import program
 from experiments import records
 from experiments import results_log
 from experiments import sweep_plan
+from experiments import value_cache
 from experiments import world
 
 flags.DEFINE_string("batch_sizes", "1,64,256,1024,4096", "comma-separated batch sizes (paper: 1,...,4096)")
@@ -48,7 +51,7 @@ def cell_key(method: str, layer: int, batch_size: int) -> dict:
 
 
 def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: results_log.ResultsLog, key: dict,
-             before):
+             before, stored_values: value_cache.ValueCache):
     from jaxedit.eval import metrics
     from jaxedit.editing import schedule
 
@@ -65,9 +68,12 @@ def run_cell(params, cfg, tok, cases, hp, cov, groups, batch_size: int, log: res
                     "after_batch": records.aggregate_dict(res.aggregate), "cases": cases_,
                     "delta_norm": report.delta_norms[0], "seconds": time.perf_counter() - t0})
 
+    # The first batch edits the unedited model: its values are shared with the other methods' cells
+    # (and any other sweep of these cases) through the value cache.
+    first = stored_values.get(cases[:batch_size], hp, groups)
     final, _ = schedule.sequential_batched_edit(
         params, cfg, tok, cases, hp, covariances=cov, templates=groups, batch_size=batch_size,
-        preserve_previous_edits=FLAGS.preserve_previous_edits, after_batch=after_batch)
+        preserve_previous_edits=FLAGS.preserve_previous_edits, after_batch=after_batch, first_values=first)
     res = metrics.evaluate(final, cfg, tok, cases, progress=None)
     log.append({"type": "cell", "key": key, "attempt": attempt, "n_batches": -(-len(cases) // batch_size),
                 "final_all": records.aggregate_dict(res.aggregate), "final_cases": records.case_dicts(res.cases),
@@ -94,10 +100,12 @@ def main(argv):
     from jaxedit.eval import metrics
 
     before = metrics.evaluate(params, cfg, tok, cases, progress=None)  # the same cases unedited
+    stored_values = value_cache.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
     for method, b in tqdm(todo, desc="sequential sweep cells"):
         hp = hps[method]
         groups = world.templates(params, cfg, tok, hp, FLAGS.cache_dir)
-        agg = run_cell(params, cfg, tok, cases, hp, cov, groups, b, log, cell_key(method, layer, b), before)
+        agg = run_cell(params, cfg, tok, cases, hp, cov, groups, b, log, cell_key(method, layer, b), before,
+                       stored_values)
         logging.info("%s B=%d, %d edits: final ES %.1f PS %.1f NS %.1f S %.1f", method, b, len(cases), agg.es,
                      agg.ps, agg.ns, agg.s)
 

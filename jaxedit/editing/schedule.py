@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from jaxedit.editing import pm, preflight
 from jaxedit.editing.editor import EditReport, edit, with_previous_keys
+from jaxedit.editing.values import Values
 from jaxedit.hparams import EditHparams
 from jaxedit.requests import EditRequest, validate_batch
 
@@ -31,7 +32,7 @@ def batch_edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams:
 def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditHparams, *,
                             covariances, templates, batch_size: int, preserve_previous_edits: bool = False,
                             after_batch: Callable[[int, Any, tuple, EditReport], Any] | None = None,
-                            progress: bool = True, **kwargs):
+                            first_values: Values | None = None, progress: bool = True, **kwargs):
     """Batches of `batch_size` applied one after another, keys and values recomputed on the current
     (already edited) params each time.
 
@@ -42,6 +43,9 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
         Method.keeps_previous_keys), with C0's null space computed once.
       after_batch: called as after_batch(index, params, batch, report) right after each batch (e.g. to
         measure metrics then); its return value is kept in BatchOutcome.extra.
+      first_values: the first batch's values, optimised on the unedited params (e.g. shared with
+        another method's run from a value cache); the editor refuses them when they were made for
+        other requests or another model. Later batches' values are optimised on the edited params.
     Returns:
       (final params, list of BatchOutcome).
     """
@@ -77,7 +81,7 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
         carried = ({l: jnp.concatenate(previous[l], axis=1) for l in hparams.layers if previous[l]}
                    if method.keeps_previous_keys else None)
         params, report = edit(params, cfg, tokenizer, batch, hparams, covariances=covs, templates=templates,
-                              previous_keys=carried, **kwargs)
+                              previous_keys=carried, values=first_values if index == 0 else None, **kwargs)
         for layer, keys in zip(hparams.layers, report.keys):
             previous[layer].append(keys)
         extra = after_batch(index, params, batch, report) if after_batch is not None else None

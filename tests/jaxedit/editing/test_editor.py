@@ -153,6 +153,24 @@ def test_sequential_batched_and_preserving_previous_edits(setup):
     assert kept < 0.9 * plain, (kept, plain)
 
 
+def test_sequential_batched_with_the_first_batch_values_given(setup):
+    """Values given for the first batch (e.g. shared through a value cache) give the same run as values
+    computed in it; values of other requests, or for batch 2 on the unedited model, are refused."""
+    cfg, params, tok, covs = setup
+    h = hp("memit")
+    run = lambda **kw: schedule.sequential_batched_edit(params, cfg, tok, REQUESTS, h, covariances=covs,
+                                                        templates=GROUPS, batch_size=2, progress=False, **kw)
+    computed, _ = run()
+    first = editor.edit_values(params, cfg, tok, REQUESTS[:2], h, templates=GROUPS)
+    given, outcomes = run(first_values=first)
+    for a, b in zip(jax.tree_util.tree_leaves(computed), jax.tree_util.tree_leaves(given)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert len(outcomes) == 2
+    wrong = editor.edit_values(params, cfg, tok, REQUESTS[2:], h, templates=GROUPS)
+    with pytest.raises(ValueError, match="other requests"):
+        run(first_values=wrong)
+
+
 def test_sequential_rome_and_batch_checks(setup):
     cfg, params, tok, covs = setup
     final, outcomes = schedule.sequential_edit(params, cfg, tok, REQUESTS[:2], hp("rome"), covariances=covs,
