@@ -19,7 +19,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m experiments.demo
 
+# Two workers, one test file each at a time (a file's fixtures, e.g. SmolLM2's C0, are built once):
+# many tests are bound by single-threaded compilation, so two run side by side on two cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 .PHONY: install demo test

@@ -27,6 +27,6 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU build on local disk; other specs pull gigabytes of CUDA wheels.
         # accelerate: transformers needs it to load GGUF files (our reference in parity tests).
-        "test": ["pytest", "torch==2.13.0", "accelerate", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "accelerate", "nbclient", "nbformat", "ipykernel"],
     },
 )
