@@ -56,13 +56,14 @@ class ValueCache:
         self.tokenizer_fingerprint = tokenizer_fingerprint(tok) if self.dir is not None else None
 
     def get(self, requests, hp, groups, chunk_size: int = 64):
-        """Values (batch of len(requests)) for requests on the cache's model, computing missing ones in
-        one batched call."""
+        """Values (batch of len(requests)) for requests on the cache's model, computing missing ones
+        batched, chunk_size requests at a time, and storing each chunk once it is computed."""
         import jax
         import jax.numpy as jnp
         from jaxedit.distributed import is_writer, to_host
         from jaxedit.editing import editor
         from jaxedit.editing.values import Values, ValuesFor, request_digest
+        from jaxedit.progress import progress_bar
 
         requests = tuple(requests)
         if self.dir is None:
@@ -87,18 +88,22 @@ class ValueCache:
                 missing.append(r)
                 missing_names.add(name)
         if missing:
-            vals = jax.tree_util.tree_map(to_host, editor.edit_values(self.params, self.cfg, self.tok, missing, hp,
-                                                                      templates=groups, chunk_size=chunk_size))
             folder.mkdir(parents=True, exist_ok=True)
-            for i, r in enumerate(missing):
-                name = request_file_name(r)
-                row = {f: np.asarray(getattr(vals, f)[i]) for f in _VALUE_FIELDS}
-                have[name] = row
-                if not is_writer():  # one process of a jax.distributed run writes the shared cache
-                    continue
-                tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}.npz"
-                np.savez(tmp, **row)
-                os.replace(tmp, folder / name)
+            # Chunk by chunk (the chunks compute_values would make), each stored as soon as it is done:
+            # a run stopped inside a thousand-request cell keeps what it has computed.
+            chunks = [missing[i:i + chunk_size] for i in range(0, len(missing), chunk_size)]
+            for chunk in progress_bar(chunks, None, f"values ({len(missing)} requests)", threshold=1):
+                vals = jax.tree_util.tree_map(to_host, editor.edit_values(self.params, self.cfg, self.tok, chunk, hp,
+                                                                          templates=groups, chunk_size=chunk_size))
+                for i, r in enumerate(chunk):
+                    name = request_file_name(r)
+                    row = {f: np.asarray(getattr(vals, f)[i]) for f in _VALUE_FIELDS}
+                    have[name] = row
+                    if not is_writer():  # one process of a jax.distributed run writes the shared cache
+                        continue
+                    tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}.npz"
+                    np.savez(tmp, **row)
+                    os.replace(tmp, folder / name)
         rows = [have[request_file_name(r)] for r in requests]
         made_for = ValuesFor(model=self.fingerprint, layer=int(hp.layers[-1]), site=hp.spec.site,
                              requests=tuple(request_digest(r) for r in requests))

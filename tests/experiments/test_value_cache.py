@@ -60,3 +60,17 @@ def test_case_ids_that_sanitise_alike_get_their_own_files(tiny, tmp_path, comput
     assert len(computed) == 1
     np.testing.assert_array_equal(np.asarray(alone.target[0]), np.asarray(both.target[0]))
     assert not np.allclose(np.asarray(alone.target[0]), np.asarray(both.target[1]))
+
+
+def test_chunks_are_stored_as_they_finish(tiny, tmp_path, computed):
+    """A failure in a later chunk (here a target too long for the model) keeps the earlier chunks'
+    values on disk, so a rerun computes only what is still missing."""
+    cfg, params, tok, hp, groups = tiny
+    done = [_request(1, "Paris"), _request(2, "Rome", subject="Italy")]
+    too_long = _request(3, " ".join(["city"] * (cfg.max_position_embeddings + 1)), subject="Spain")
+    with pytest.raises(ValueError, match="longer than the model"):
+        value_cache.ValueCache(params, cfg, tok, tmp_path).get(done + [too_long], hp, groups, chunk_size=2)
+    assert len(computed) == 2 and computed[0] == ["Paris", "Rome"]
+    assert len(list(tmp_path.glob("values/*/*.npz"))) == 2
+    value_cache.ValueCache(params, cfg, tok, tmp_path).get(done, hp, groups, chunk_size=2)
+    assert len(computed) == 2  # both served from disk
