@@ -40,12 +40,22 @@ def unchanged(params, before):
 
 
 @pytest.fixture(scope="module")
-def memit_edited(world):
+def first_8_values(world):
+    """MEMIT's values of cases 0-7 on the unedited model (MEMIT, EMMET and AlphaEdit share site,
+    templates and layer, so these serve all three)."""
+    cfg, params, tok, covs, cache, cases = world
+    hp = preset("smollm2-135m", "memit")
+    g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
+    return editor.edit_values(params, cfg, tok, cases[:8], hp, templates=g)
+
+
+@pytest.fixture(scope="module")
+def memit_edited(world, first_8_values):
     cfg, params, tok, covs, cache, cases = world
     hp = preset("smollm2-135m", "memit")
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
     before = snapshot(params)
-    vals = editor.edit_values(params, cfg, tok, cases[:8], hp, templates=g)
+    vals = first_8_values
     out = {}
     for method in ("memit", "emmet", "alphaedit"):  # same values (site, templates, layer): computed once
         out[method] = editor.edit(params, cfg, tok, cases[:8], preset("smollm2-135m", method), covariances=covs,
@@ -114,9 +124,9 @@ def test_sequential_batched_16_in_batches_of_8(world):
                                                       for b in range(2)]
 
 
-def test_alphaedit_sequential_16_edits_keep_earlier_ones(world):
+def test_alphaedit_sequential_16_edits_keep_earlier_ones(world, first_8_values):
     """16 edits in 2 sequential batches of 8: AlphaEdit carries the earlier batch's keys, so the first
-    batch's edits survive the next."""
+    batch's edits survive the next. The first batch's values are the shared ones of the unedited model."""
     cfg, params, tok, covs, cache, cases = world
     hp = preset("smollm2-135m", "alphaedit")
     g = templates.context_templates(params, cfg, tok, hp.templates, cache_dir=cache)
@@ -129,7 +139,7 @@ def test_alphaedit_sequential_16_edits_keep_earlier_ones(world):
 
     final, outcomes = schedule.sequential_batched_edit(params, cfg, tok, cases[:16], hp, covariances=covs,
                                                        templates=g, batch_size=8, after_batch=after_batch,
-                                                       progress=False)
+                                                       first_values=first_8_values, progress=False)
     assert unchanged(params, before)
     assert len(outcomes) == 2 and all(not o.report.warnings for o in outcomes)
     everything = efficacy(final, cfg, tok, cases[:16])
