@@ -32,10 +32,18 @@ def _mesh_report(which: str, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
+def test_the_two_mesh_reports_cover_every_mesh():
+    from tests.llama3_flax import mesh_worker
+
+    both = set(mesh_worker.TINY_MESHES) | set(mesh_worker.SMOLLM2_MESHES)
+    assert both == {(d, 8 // d) for d in (1, 2, 4, 8)}
+
+
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
 def test_every_stage_on_every_mesh_equals_one_device(which, tmp_path):
     report = _mesh_report(which, tmp_path)
     assert report["delta_norm"] > 0
+    assert len(report["meshes"]) == 2, report["meshes"].keys()
     layers, d, f = report["global_shape"]
     for mesh, r in report["meshes"].items():
         data, model = map(int, mesh.split("x"))
