@@ -41,13 +41,16 @@ HEADER = ["comparison (A − B)", "shared cases", "ΔES", "ΔPS", "ΔNS", "ΔS",
 def layer_rows(cells: Sequence[Mapping], label) -> list[list]:
     """Per method: its best layer (by S), the preset layer 3, the middle and the last layer against
     unedited, and the best layer against the middle and the last one (fixed layers, not chosen after
-    seeing the results, besides the best)."""
+    seeing the results, besides the best); ROME against MEMIT at each one's best layer and the middle."""
     rows = []
-    for method in dict.fromkeys(label(c["key"]) for c in cells):
-        mine = {c["key"]["layer"]: c for c in cells if label(c["key"]) == method}
+    by, chosen = {}, {}
+    for c in cells:
+        by.setdefault(label(c["key"]), {})[c["key"]["layer"]] = c
+    for method, mine in by.items():
         best = max(mine, key=lambda l: mine[l]["aggregate"]["s"] or 0.0)
         first, last = min(mine), max(mine)
         middle = min(mine, key=lambda l: abs(l - (first + last + 1) // 2))
+        chosen[method] = (best, middle)
         for layer in dict.fromkeys((best, 3, middle, last)):
             if layer in mine and mine[layer].get("before_cases"):
                 rows.append(compare(f"{method} layer {layer} − unedited", mine[layer].get("cases"),
@@ -58,6 +61,11 @@ def layer_rows(cells: Sequence[Mapping], label) -> list[list]:
                                     mine[other].get("cases")))
         if first not in (best, last):
             rows.append(compare(f"{method} layer {first} − layer {last}", mine[first].get("cases"), mine[last].get("cases")))
+    if "ROME" in by and "MEMIT" in by:  # the two single-edit solves on the same cases and layer
+        for layer in dict.fromkeys((*chosen["MEMIT"], *chosen["ROME"])):
+            if layer in by["ROME"] and layer in by["MEMIT"]:
+                rows.append(compare(f"ROME − MEMIT at layer {layer}", by["ROME"][layer].get("cases"),
+                                    by["MEMIT"][layer].get("cases")))
     return [r for r in rows if r]
 
 

@@ -38,3 +38,15 @@ def test_layer_and_sequential_rows():
            for b, es in ((1, 100.0), (5, 60.0))]
     (row,) = paired.sequential_rows(seq, _label)
     assert row[0] == "MEMIT batches of 1 − batches of 5" and row[2].startswith("+40.0 [+40.0, +40.0]")
+
+
+def test_layer_rows_compare_rome_with_memit_at_each_ones_best_and_middle_layer():
+    def cell(method, layer, s, es):
+        return {"key": {"method": method, "layer": layer}, "aggregate": {"s": s}, "cases": _cases(range(6), es, 50.0)}
+    layer = [cell("memit", 0, 90.0, 100.0), cell("memit", 1, 50.0, 50.0), cell("memit", 2, 40.0, 100.0),
+             cell("rome", 0, 60.0, 100.0), cell("rome", 1, 80.0, 0.0), cell("rome", 2, 30.0, 0.0)]
+    rows = {r[0]: r for r in paired.layer_rows(layer, _label)}
+    # MEMIT's best layer is 0, ROME's is 1; the middle of 0-2 is 1 (no duplicate row)
+    assert [k for k in rows if k.startswith("ROME − MEMIT")] == ["ROME − MEMIT at layer 0", "ROME − MEMIT at layer 1"]
+    assert rows["ROME − MEMIT at layer 0"][2].startswith("+0.0 [+0.0, +0.0]")
+    assert rows["ROME − MEMIT at layer 1"][2].startswith("-50.0 [-50.0, -50.0]")
