@@ -115,7 +115,9 @@ def test_restoring_every_residual_state_gives_the_clean_probability(tiny):
                                 last=jnp.full_like(every, l - 1), source=every, values=table)
     h = model.run_layers_restoring(params, cfg, x, slots, lm.attention_bias(slots, slots, jnp.ones((2, t))), restore)
     p = jax.nn.softmax(model.logits_from_hidden(params, cfg, h[:, -1]), axis=-1)[:, 11]
-    np.testing.assert_array_equal(np.asarray(p), np.full(2, float(p_clean), np.float32))
+    # two programs (the clean run and the restoring run) unembed the same state in different batch
+    # shapes, so their float32 sums may be ordered differently: equal to float32 rounding
+    np.testing.assert_allclose(np.asarray(p), np.full(2, float(p_clean), np.float32), rtol=1e-5)
 
 
 def test_without_noise_nothing_has_an_effect(tiny):
