@@ -157,7 +157,7 @@ def _hub_documents(spec: CorpusSpec) -> Iterator[str]:
         yield from (t for t in texts() if t and t.strip())
 
 
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """The ids the tokenizer puts before a text (BOS for Llama-3, nothing for SmolLM2)."""
     with_special = list(tokenizer("a")["input_ids"])
     plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
@@ -179,7 +179,7 @@ def corpus_samples(tokenizer, documents: Iterable[str], n_samples: int, max_leng
     """
     if n_samples <= 0 or max_length <= 0:
         raise ValueError(f"n_samples ({n_samples}) and max_length ({max_length}) must be positive")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     body = max_length - len(prefix)
     if body <= 0:
         raise ValueError(f"max_length {max_length} leaves no room after the special prefix {prefix}")
