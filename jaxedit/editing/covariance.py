@@ -201,11 +201,15 @@ def preservation_covariance(params: llama.Params, cfg: LlamaConfig, tokenizer, l
       {layer: C0 (F, F) float32 jax.Array}.
     Raises:
       FileNotFoundError / RuntimeError: the corpus cannot be read (the message says what to do).
-      ValueError: bad layers or sizes.
+      ValueError: bad layers or sizes, or spec.max_length past cfg.max_position_embeddings.
     """
     if not isinstance(spec, CovarianceHparams):
         raise TypeError(f"spec must be a CovarianceHparams, got {type(spec).__name__}")
     n_samples, max_length, batch_size = spec.n_samples, spec.max_length, spec.batch_size
+    if max_length > cfg.max_position_embeddings:  # RoPE past the trained positions: keys unlike any the model sees
+        raise ValueError(f"covariance.max_length {max_length} exceeds the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings}): samples that long give keys the model never makes; "
+                         f"set covariance max_length <= {cfg.max_position_embeddings}")
     wanted = [int(layers)] if np.ndim(layers) == 0 else [int(l) for l in layers]
     bad = [l for l in wanted if not 0 <= l < cfg.num_hidden_layers]
     if bad or not wanted:

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 # The jitter tried on a semi-definite C0, relative to its mean diagonal: enough for the rounding of a
 # float32 C0 built from fewer tokens than its size (eigenvalues down to about -1e-5 of the mean).
 MAX_RELATIVE_JITTER = 1e-3
+# The asymmetry of C0 taken as rounding, relative to its largest entry (pm.checked_pm_delta's bound).
+MAX_RELATIVE_ASYMMETRY = 1e-5
 
 
 def check_template_groups(groups) -> tuple[tuple[str, ...], ...]:
@@ -52,7 +54,7 @@ def _check_layers_present(covariances: Mapping, layers: Sequence[int]) -> None:
 
 
 def checked_covariance(c, layer: int, size: int):
-    """C0 of `layer` as a jax array, or ValueError: wrong shape, NaN/inf, all zeros."""
+    """C0 of `layer` as a jax array, or ValueError: wrong shape, NaN/inf, all zeros, not symmetric."""
     shape = tuple(np.shape(c))
     if shape != (size, size):
         raise ValueError(f"the preservation covariance of layer {layer} has shape {shape}; the model's "
@@ -63,6 +65,11 @@ def checked_covariance(c, layer: int, size: int):
     if not bool(jnp.any(c != 0)):
         raise ValueError(f"the preservation covariance of layer {layer} is all zeros (a covariance of no "
                          "tokens?)")
+    asymmetry = float(jnp.max(jnp.abs(c - c.T)) / jnp.max(jnp.abs(c)))
+    if asymmetry > MAX_RELATIVE_ASYMMETRY:  # the solve would symmetrise it: another matrix than the one given
+        raise ValueError(f"the preservation covariance of layer {layer} is not symmetric (max |C - C^T| / max |C| = "
+                         f"{asymmetry:.2g}, more than the {MAX_RELATIVE_ASYMMETRY:g} of rounding): pass E[k k^T] "
+                         "itself (e.g. from preservation_covariance), not a transformed or mis-shaped copy")
     return c
 
 

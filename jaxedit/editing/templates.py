@@ -13,6 +13,7 @@ from llama3_flax.generate import generate_text
 
 from jaxedit.cache import atomic_write_json, model_fingerprint
 from jaxedit.hparams import TemplateHparams
+from jaxedit.editing import preflight
 from jaxedit.editing.tokenize import encode_prompt
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -40,6 +41,22 @@ def generate_context_templates(params, cfg, tokenizer, spec: TemplateHparams) ->
     return tuple(groups)
 
 
+def _cached_groups_problem(path: Path, spec: TemplateHparams) -> str | None:
+    """Why the cached groups at `path` are not what `spec` generates (None when they are): the
+    editors' checks (preflight.check_template_groups) and one group of n templates per (length, n)."""
+    try:
+        groups = json.loads(path.read_text())
+        preflight.check_template_groups(groups)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "not JSON"
+    except ValueError as e:
+        return f"invalid ({e})"
+    sizes = [len(g) for g in groups[1:]]
+    if sizes != [n for _, n in spec.groups]:
+        return f"of groups of {sizes} templates where the hparams ask for {[n for _, n in spec.groups]}"
+    return None
+
+
 def context_templates(params, cfg, tokenizer, spec: TemplateHparams,
                       cache_dir: str | os.PathLike | None = None) -> tuple[tuple[str, ...], ...]:
     """Context templates, cached per (model fingerprint, spec) as JSON in cache_dir if given."""
@@ -48,14 +65,10 @@ def context_templates(params, cfg, tokenizer, spec: TemplateHparams,
     key = f"{model_fingerprint(params, cfg)}-{'_'.join(f'{l}x{n}' for l, n in spec.groups)}-k{spec.top_k}-s{spec.seed}"
     path = Path(cache_dir) / "templates" / f"{key}.json"
     if path.exists():
-        try:
-            groups = json.loads(path.read_text())
-            if (isinstance(groups, list) and groups and groups[0] == ["{}"]
-                    and all(isinstance(t, str) and t.count("{}") == 1 for g in groups for t in g)):
-                return tuple(tuple(g) for g in groups)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-        logging.warning("context template cache %s is corrupt; regenerating", path)
+        why = _cached_groups_problem(path, spec)
+        if why is None:
+            return tuple(tuple(g) for g in json.loads(path.read_text()))
+        logging.warning("context template cache %s is %s; regenerating", path, why)
     groups = generate_context_templates(params, cfg, tokenizer, spec)
     atomic_write_json(path, [list(g) for g in groups])
     return groups
