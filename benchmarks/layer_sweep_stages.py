@@ -36,14 +36,14 @@ def main(argv):
     layers = [int(x) for x in FLAGS.layers.split(",")]
     cfg, params, tok = world.load_model(FLAGS.model)
     cases = world.load_cases("edit", n=FLAGS.n, seed=FLAGS.seed)
-    hp0 = world.hparams_for(FLAGS.model, "memit")
+    hp0 = world.hparams_for(FLAGS.model, "memit", cfg=cfg)
     cov = world.covariances(params, cfg, tok, layers, hp0, cache)
     groups = world.templates(params, cfg, tok, hp0, cache)
     rows = []
     with tempfile.TemporaryDirectory() as values_dir:  # values computed here, then shared by the second run
         stored = value_cache.ValueCache(params, cfg, tok, values_dir)
         for layer in layers:
-            hp = world.hparams_for(FLAGS.model, "memit", layer)
+            hp = world.hparams_for(FLAGS.model, "memit", layer, cfg=cfg)
             factor = {layer: pm.factor_preservation(jnp.asarray(cov[layer]))}
             warm = cases[:2]  # compile the solve, scoring and value shapes outside the timed runs
             for scoring in ("per_model", "one_pass"):

@@ -45,7 +45,7 @@ def main(argv):
     cfg, params, tok = world.load_model(FLAGS.model)
     cases = world.load_cases("edit", ids=program.parse_int_list(FLAGS.cases))
     spec = "smollm2" if FLAGS.model == "smollm2" else FLAGS.model
-    hps = {m: world.hparams_for(spec, m) for m in methods}
+    hps = {m: world.hparams_for(spec, m, cfg=cfg) for m in methods}
     layer = hps[methods[0]].layers[0]
     print(f"{len(cases)} CounterFact cases, edit layer {layer}:")
     for r in cases:

@@ -105,9 +105,9 @@ def main(argv):
     # One seeded selection of max(--n, --n_rome) cases whatever --methods is; a cell of n edits uses its
     # first n, so runs with different --methods share cases.
     cases = world.load_cases(FLAGS.counterfact, n=max(FLAGS.n, FLAGS.n_rome or 0), seed=FLAGS.seed)
-    hp0 = world.hparams_from_flags(methods[0])
+    hp0 = world.hparams_from_flags(methods[0], cfg=cfg)
     cov = world.covariances(params, cfg, tok, sorted({l for _, l in todo}), hp0, FLAGS.cache_dir, FLAGS.corpus)
-    groups = {m: world.templates(params, cfg, tok, world.hparams_from_flags(m), FLAGS.cache_dir) for m in methods}
+    groups = {m: world.templates(params, cfg, tok, world.hparams_from_flags(m, cfg=cfg), FLAGS.cache_dir) for m in methods}
     stored_values = value_cache.ValueCache(params, cfg, tok, FLAGS.cache_dir, FLAGS.value_cache)
     from jaxedit.eval import metrics
 
@@ -115,7 +115,7 @@ def main(argv):
     unedited = records.case_dicts(metrics.evaluate(params, cfg, tok, cases, progress=False).cases)
     factors = {}
     for method, layer in tqdm(todo, desc="layer sweep cells"):
-        hp = world.hparams_from_flags(method, layer)
+        hp = world.hparams_from_flags(method, layer, cfg=cfg)
         n = n_of[method]
         if layer not in factors:  # factor C0 once per layer, not once per edit
             factors = {layer: pm.factor_preservation(jnp.asarray(cov[layer]))}

@@ -48,8 +48,8 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in str(text).replace(",", " ").split()]
 
 
-def hparams_of(method: str, a: float, b: float):
-    hp = world.hparams_from_flags(method, int(b) if method == "memit" else None)
+def hparams_of(method: str, a: float, b: float, cfg=None):
+    hp = world.hparams_from_flags(method, int(b) if method == "memit" else None, cfg=cfg)
     return hp.replace(mom2_update_weight=a) if method == "memit" else hp.replace(nullspace_threshold=a, l2=b)
 
 
@@ -100,7 +100,7 @@ def main(argv):
     before = records.aggregate_dict(metrics.evaluate(params, cfg, tok, cases, progress=None).aggregate)
     values = {}
     for a, b in tqdm(todo, desc=f"{method} preset validation cells"):
-        hp = hparams_of(method, a, b)
+        hp = hparams_of(method, a, b, cfg)
         layer = hp.layers[-1]
         t0 = time.perf_counter()
         cov = world.covariances(params, cfg, tok, list(hp.layers), hp, FLAGS.cache_dir, FLAGS.corpus, progress=False)

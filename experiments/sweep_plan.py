@@ -31,7 +31,7 @@ def plan_batch_size_sweep(flags_, cell_key, name: str, extra: str = "") -> Batch
     sizes = parse_int_list(flags_.batch_sizes)
     init_jax()
     cfg, params, tok = load_model(flags_.model, flags_.mesh)
-    hps = {m: hparams_from_flags(m, flags_.layer) for m in methods}
+    hps = {m: hparams_from_flags(m, flags_.layer, cfg=cfg) for m in methods}
     layer = hps[methods[0]].layers[0]
     log = open_log(flags_.out)
     todo = [(m, b) for b in sizes for m in methods if not log.is_finished(cell_key(m, layer, b))]

@@ -7,6 +7,7 @@ programs' plumbing in seconds (its metrics mean nothing).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -34,20 +35,27 @@ def load_model(spec: str, mesh: str | None = None):
     return cfg, params, tok
 
 
-def preset_name(spec: str) -> str:
-    return "smollm2-135m"  # tiny-random borrows SmolLM2's settings, shrunk by hparams_for
-
-
 def hparams_for(spec: str, method: str, layer: int | None = None, v_steps: int | None = None,
-                cov_samples: int | None = None, cov_max_length: int | None = None):
-    """The preset hparams of a method for a --model value, with optional overrides."""
+                cov_samples: int | None = None, cov_max_length: int | None = None, *, cfg=None):
+    """The preset hparams of a method for the model of a --model value, with optional overrides.
+
+    cfg: the loaded model's config; its preset is jaxedit.hparams.preset_for(cfg, method) (a model
+    no preset knows borrows one, with a logged warning naming it). tiny-random needs no cfg: it
+    borrows SmolLM2-135M's preset, shrunk (short templates, few C0 samples and steps, layer 1).
+    """
     from jaxedit import hparams as H
 
-    hp = H.preset(preset_name(spec), method)
     if spec == TINY:  # cheap: short templates, few samples, few steps
+        logging.info("tiny-random borrows SmolLM2-135M's %s preset, shrunk for speed", method)
+        hp = H.preset("smollm2-135m", method)
         hp = hp.replace(templates=H.TemplateHparams(groups=((4, 5),)),
                         covariance=H.CovarianceHparams(n_samples=16, max_length=32),
                         value=dataclasses.replace(hp.value, v_num_grad_steps=4), layers=(1,))
+    elif cfg is None:
+        raise ValueError(f"hparams_for({spec!r}, {method!r}) needs cfg=, the loaded model's config: the preset "
+                         "is chosen from the model's shape")
+    else:
+        hp = H.preset_for(cfg, method)
     if layer is not None:
         hp = hp.replace(layers=(int(layer),))
     if v_steps is not None:
@@ -59,8 +67,8 @@ def hparams_for(spec: str, method: str, layer: int | None = None, v_steps: int |
     return hp
 
 
-def hparams_from_flags(method: str, layer: int | None = None):
-    return hparams_for(FLAGS.model, method, layer, FLAGS.v_steps, FLAGS.cov_samples, FLAGS.cov_max_length)
+def hparams_from_flags(method: str, layer: int | None = None, *, cfg=None):
+    return hparams_for(FLAGS.model, method, layer, FLAGS.v_steps, FLAGS.cov_samples, FLAGS.cov_max_length, cfg=cfg)
 
 
 def load_cases(source: str, n: int | None = None, seed: int = 0, ids: Sequence | None = None):

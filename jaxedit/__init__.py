@@ -20,11 +20,11 @@ from jaxedit.editing.schedule import batch_edit, sequential_batched_edit, sequen
 from jaxedit.editing.templates import context_templates
 from jaxedit.eval.metrics import evaluate
 from jaxedit.eval.tables import format_before_after, format_table
-from jaxedit.hparams import CovarianceHparams, EditHparams, TemplateHparams, ValueHparams, preset
+from jaxedit.hparams import CovarianceHparams, EditHparams, TemplateHparams, ValueHparams, preset, preset_for
 from jaxedit.methods import ALPHAEDIT, EMMET, MEMIT, METHODS, ROME, Method
 from jaxedit.requests import EditRequest
 
 __all__ = ["load_counterfact", "preservation_covariance", "preservation_null_spaces", "EditReport", "alphaedit",
            "edit", "edit_values", "emmet", "memit", "rome", "batch_edit", "sequential_batched_edit", "sequential_edit", "context_templates", "evaluate",
            "format_before_after", "format_table", "CovarianceHparams", "EditHparams", "TemplateHparams",
-           "ValueHparams", "preset", "ALPHAEDIT", "EMMET", "MEMIT", "METHODS", "ROME", "Method", "EditRequest"]
+           "ValueHparams", "preset", "preset_for", "ALPHAEDIT", "EMMET", "MEMIT", "METHODS", "ROME", "Method", "EditRequest"]

@@ -78,15 +78,14 @@ def _layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def resolve_hparams(choice: str, method: str, cfg, *, layers=None, corpus=None, cov_samples=None):
-    """EditHparams from a preset name ('auto': SmolLM2's for a SmolLM2-shaped model, else the paper's
-    Llama-3-8B preset) or a hparams file, with the command line's overrides."""
+    """EditHparams from a preset name ('auto': jaxedit.hparams.preset_for, the preset of the model's
+    shape) or a hparams file, with the command line's overrides."""
     from jaxedit import hparams as H
     from jaxedit.interop import hparams_files
 
-    if choice == "auto":
-        smollm2 = cfg.num_hidden_layers == 30 and cfg.hidden_size == 576 and cfg.intermediate_size == 1536
-        choice = "smollm2-135m" if smollm2 else "llama3-8b"
-    if choice in PRESETS:
+    if choice == "auto":  # the model's own preset, or a borrowed one with a logged warning naming it
+        hp = H.preset_for(cfg, method)
+    elif choice in PRESETS:
         hp = H.preset(choice, method)
     elif Path(choice).suffix.lower() in (".yaml", ".yml", ".json"):
         hp = hparams_files.read_hparams(choice, method=method, cfg=cfg, base=H.preset("llama3-8b", method))

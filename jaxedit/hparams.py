@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 
 from jaxedit.methods import Method, method as method_named
+
+logger = logging.getLogger(__name__)
 
 
 def _finite(owner: str, name: str, value, *, positive: bool = False, minimum: float | None = None):
@@ -202,9 +205,58 @@ def _smollm2_135m(method: str) -> EditHparams:
 SMOLLM2_EDIT_LAYER = 3
 
 
+def _llama3_2_1b(method: str) -> EditHparams:
+    # No published editing hparams exist for Llama-3.2-1B; it shares Llama-3-8B's tokenizer and value
+    # settings, and the paper's layer 1 (AlphaEdit: 4-8) lies within its 16 layers, so it uses the
+    # paper's Llama-3-8B preset.
+    return _paper_llama3_8b(method)
+
+
+_PRESETS = {"llama3-8b": _paper_llama3_8b, "llama3.2-1b": _llama3_2_1b, "smollm2-135m": _smollm2_135m}
+PRESET_NAMES = tuple(sorted(_PRESETS))
+
+
 def preset(model: str, method: str) -> EditHparams:
-    """Hparams for ("llama3-8b" | "smollm2-135m", "rome" | "memit" | "emmet" | "alphaedit")."""
-    makers = {"llama3-8b": _paper_llama3_8b, "smollm2-135m": _smollm2_135m}
-    if model not in makers:
-        raise ValueError(f"no hparams preset for model {model!r}; known: {sorted(makers)}")
-    return makers[model](method)
+    """Hparams for (one of PRESET_NAMES, "rome" | "memit" | "emmet" | "alphaedit")."""
+    if model not in _PRESETS:
+        raise ValueError(f"no hparams preset for model {model!r}; known: {sorted(_PRESETS)}")
+    return _PRESETS[model](method)
+
+
+# The shapes that name a preset's model: (hidden_size, intermediate_size, num_hidden_layers,
+# num_key_value_heads) and the vocabulary sizes its releases use. Widths alone do not tell models
+# apart (Mistral-7B has Llama-3-8B's), the vocabulary does.
+_PRESET_SHAPES = {
+    "smollm2-135m": ((576, 1536, 30, 3), (49152,)),
+    "llama3-8b": ((4096, 14336, 32, 8), (128256,)),       # Llama-3-8B and Llama-3.1-8B
+    "llama3.2-1b": ((2048, 8192, 16, 8), (128256,)),
+}
+BORROWED_PRESET = "llama3-8b"  # the paper's settings, for models that have no preset of their own
+
+
+def preset_name_for(cfg) -> str | None:
+    """The preset made for a model of cfg's shape, or None when no preset knows that shape."""
+    widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_key_value_heads)
+    for name, (shape, vocab_sizes) in _PRESET_SHAPES.items():
+        if widths == shape and cfg.vocab_size in vocab_sizes:
+            return name
+    return None
+
+
+def preset_for(cfg, method: str) -> EditHparams:
+    """The preset hparams of `method` for the model described by cfg (a llama3_flax LlamaConfig).
+
+    The model is recognised from its shape (hidden_size, intermediate_size, num_hidden_layers,
+    num_key_value_heads, vocab_size). Any other model borrows BORROWED_PRESET's settings, and a
+    warning is logged naming the borrowed preset and its layers: they were not chosen for that model.
+    """
+    name = preset_name_for(cfg)
+    if name is not None:
+        return preset(name, method)
+    hp = preset(BORROWED_PRESET, method)
+    logger.warning(
+        "no hparams preset knows a model of this shape (hidden_size=%d, intermediate_size=%d, num_hidden_layers=%d, "
+        "num_key_value_heads=%d, vocab_size=%d); %s borrows the %r preset (layers %s), not chosen for this model "
+        "(known: %s)", cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_key_value_heads,
+        cfg.vocab_size, hp.spec.title, BORROWED_PRESET, list(hp.layers), ", ".join(PRESET_NAMES))
+    return hp

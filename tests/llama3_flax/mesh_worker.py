@@ -69,7 +69,8 @@ def main(which: str, out_path: str) -> None:
         cases = tuple(counterfact.load_counterfact("edit", n=2, seed=0))
     # C0 from enough tokens to be positive definite (more than d_ff = 1536 for SmolLM2), few steps
     samples = 16 if which == "tiny" else 64
-    hp = world.hparams_for(spec, "memit", v_steps=3, cov_samples=samples, cov_max_length=64)
+    hp = world.hparams_for(spec, "memit", v_steps=3, cov_samples=samples, cov_max_length=64,  # SmolLM2's preset
+                           cfg=None if which == "tiny" else dataclasses.replace(cfg, num_hidden_layers=30))
     groups = world.templates(params, cfg, tok, hp, None)
     ref = stages(params, cfg, tok, cases, hp, groups)
     report = {"meshes": {}}
