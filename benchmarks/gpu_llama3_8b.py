@@ -11,7 +11,11 @@ Measures, on random bfloat16 weights of llama3_flax.config.llama3_8b (no checkpo
 Random weights never reach the early-stop loss, so every request runs all value steps.
 
     python -m benchmarks.gpu_llama3_8b [--n 1024] [--cov_tokens 1000000] [--json_out $OUT/gpu.json]
-    python -m benchmarks.gpu_llama3_8b --tiny        # CPU smoke test on a tiny config, seconds
+    python -m benchmarks.gpu_llama3_8b --dry         # the same script on a tiny config, in seconds on a CPU
+
+--dry runs every stage of the real run on a 2-layer tiny config in the real run's dtype (bfloat16),
+with 4 requests in one value chunk, 2 value steps and a few thousand C0 tokens, so that a test on
+a CPU knows that the script a GPU would run starts and gets through (tests/benchmarks).
 """
 from __future__ import annotations
 
@@ -109,18 +113,19 @@ def covariance_all_layers(params, cfg, n_tokens: int, batch: int, length: int, l
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny config on CPU (smoke test)")
-    p.add_argument("--n", type=int, default=None, help="requests (default 1024; tiny 8)")
+    p.add_argument("--dry", "--tiny", action="store_true", dest="dry",
+                   help="every stage on a tiny bfloat16 config, 2 value steps: seconds on a CPU")
+    p.add_argument("--n", type=int, default=None, help="requests (default 1024; dry 4)")
     p.add_argument("--layer", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=["memit", "emmet"])
-    p.add_argument("--v_num_grad_steps", type=int, default=None, help="default 25 (tiny 3)")
-    p.add_argument("--value_chunk", type=int, default=None, help="requests per value-optimisation call (default 64)")
-    p.add_argument("--cov_tokens", type=int, default=None, help="default 1,000,000 (tiny 4096)")
-    p.add_argument("--cov_batch", type=int, default=None, help="default 8 (tiny 4)")
-    p.add_argument("--cov_length", type=int, default=None, help="default 2048 (tiny 64)")
+    p.add_argument("--v_num_grad_steps", type=int, default=None, help="default 25 (dry 2)")
+    p.add_argument("--value_chunk", type=int, default=None, help="requests per value-optimisation call (default 64; dry 4)")
+    p.add_argument("--cov_tokens", type=int, default=None, help="default 1,000,000 (dry 4096)")
+    p.add_argument("--cov_batch", type=int, default=None, help="default 8 (dry 4)")
+    p.add_argument("--cov_length", type=int, default=None, help="default 2048 (dry 64)")
     p.add_argument("--cov_layers_per_pass", type=int, default=None, help="default: all layers in one pass")
     p.add_argument("--skip_cov", action="store_true", help="use a random SPD C0 instead of the corpus pass")
-    p.add_argument("--matmul", type=int, default=None, help="matmul size for the rate (default 8192; tiny 256)")
+    p.add_argument("--matmul", type=int, default=None, help="matmul size for the rate (default 8192; dry 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json_out", default=None)
     args = p.parse_args(argv)
@@ -135,23 +140,27 @@ def main(argv=None):
     from jaxedit import hparams
     from llama3_flax import config, model
 
-    tiny = args.tiny
-    pick = lambda v, big, small: v if v is not None else (small if tiny else big)
-    n = pick(args.n, 1024, 8)
-    steps = pick(args.v_num_grad_steps, 25, 3)
+    dry = args.dry
+    pick = lambda v, big, small: v if v is not None else (small if dry else big)
+    n = pick(args.n, 1024, 4)
+    steps = pick(args.v_num_grad_steps, 25, 2)
     chunk = pick(args.value_chunk, 64, 4)
     cov_tokens, cov_batch = pick(args.cov_tokens, 1_000_000, 4096), pick(args.cov_batch, 8, 4)
     cov_length, mm = pick(args.cov_length, 2048, 64), pick(args.matmul, 8192, 256)
-    cfg = config.tiny(num_hidden_layers=4, vocab_size=512) if tiny else config.llama3_8b("bfloat16")
+    real = config.llama3_8b("bfloat16")
+    # The dry run keeps what the real run's code paths depend on: the dtype, grouped-query attention,
+    # an untied unembedding; only the sizes shrink.
+    cfg = (config.tiny(num_hidden_layers=2, vocab_size=512, dtype=real.dtype,
+                       tie_word_embeddings=real.tie_word_embeddings) if dry else real)
     layers_per_pass = args.cov_layers_per_pass or cfg.num_hidden_layers
     device = jax.devices()[0]
-    res = {"device": str(device), "platform": device.platform, "config": "tiny" if tiny else "llama3_8b",
+    res = {"device": str(device), "platform": device.platform, "config": "dry (tiny)" if dry else "llama3_8b",
            "dtype": cfg.dtype, "n": n, "layer": args.layer, "v_num_grad_steps": steps, "value_chunk": chunk,
            "seconds": {}, "compile_seconds": {}}
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    init = model.init_params if tiny else jax.jit(model.init_params, static_argnums=0)  # on device at 8B scale
+    init = jax.jit(model.init_params, static_argnums=0)  # on the device, as at 8B scale
     params = jax.block_until_ready(init(cfg, jax.random.PRNGKey(args.seed)))
     res["seconds"]["init_params"] = time.perf_counter() - t0
     log(f"params ready ({model.num_params(params) / 1e9:.2f}B) in {res['seconds']['init_params']:.1f}s")
