@@ -78,9 +78,9 @@ def main(argv):
         return
     knowns_path = Path(FLAGS.knowns) if FLAGS.knowns else tracing.knowns.default_knowns_file()
     facts = tracing.read_knowns(knowns_path)
-    cfg, params, tok = world.load_model(FLAGS.model)
     tc = tracing.TraceConfig(noise_samples=FLAGS.noise_samples, noise_factor=FLAGS.noise_factor,
-                             window=FLAGS.window, seed=FLAGS.noise_seed)
+                             window=FLAGS.window, seed=FLAGS.noise_seed)  # checked before the model loads
+    cfg, params, tok = world.load_model(FLAGS.model)
     log = results_log.ResultsLog(FLAGS.out)
     encoded = tracing.encode_facts(tok, facts)
     # As in the paper: over the subjects of all the facts of the file.

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ from llama3_flax import math as lm
 from llama3_flax.model import (Capture, Restoration, embed, empty_kv_cache, logits_from_hidden, run_layers,
                                run_layers_cached, run_layers_restoring)
 
+from jaxedit.editing.tokenize import check_lengths
 from jaxedit.packing import bucket
 from jaxedit.tracing.knowns import EncodedFact
 from jaxedit.tracing.lanes import KIND_CODES, KINDS, Lanes, plan_lanes, restored_layers
@@ -47,6 +50,19 @@ class TraceConfig:
     length_multiple: int = 2
     chunk_tokens: int = 4096
     seed: int = 0
+
+    def __post_init__(self):
+        # window 0 restores nothing and noise_samples 0 averages nothing: both would give a trace
+        # of the corrupted run alone, without an error
+        for name in ("noise_samples", "window", "length_multiple", "chunk_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"TraceConfig.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ValueError(f"TraceConfig.seed must be an integer >= 0, got {self.seed!r}")
+        factor = self.noise_factor
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) or factor < 0:
+            raise ValueError(f"TraceConfig.noise_factor must be a finite number >= 0, got {factor!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +167,27 @@ def padded_width(length: int, tc: TraceConfig) -> int:
     return bucket(length, tc.length_multiple)
 
 
+def check_trace_inputs(cfg, fact: EncodedFact, target, noise_std, tc: TraceConfig) -> None:
+    """ValueError naming what cannot be traced: a prompt past the model's positions, a target id outside
+    its vocabulary (JAX would clamp it and trace another token), a noise std that is negative or not
+    finite, a config that is not a TraceConfig."""
+    if not isinstance(tc, TraceConfig):
+        raise TypeError(f"tc must be a TraceConfig, got {type(tc).__name__}")
+    check_lengths([len(fact.tokens)], cfg, f"the prompt of {fact.fact.name}")
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 0 <= target < cfg.vocab_size:
+        raise ValueError(f"{fact.fact.name}: target token id {target!r} is outside the model's vocabulary "
+                         f"(0..{cfg.vocab_size - 1})")
+    if not (isinstance(noise_std, numbers.Real) and math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"{fact.fact.name}: noise_std must be a finite number >= 0, got {noise_std!r}")
+
+
 def trace_fact(params, cfg, fact: EncodedFact, target: int, noise_std: float, tc: TraceConfig = TraceConfig()
                ) -> FactTrace:
     """Every restoration of the fact's prompt, in one program (see the module docstring).
 
     target: the object's token id. noise_std: the corruption's std (embedding_noise_std).
     """
+    check_trace_inputs(cfg, fact, target, noise_std, tc)
     length = len(fact.tokens)
     width = padded_width(length, tc)
     l = cfg.num_hidden_layers
@@ -199,6 +230,7 @@ def naive_trace(params, cfg, fact: EncodedFact, target: int, noise_std: float, t
     """trace_fact computed one restoration per forward pass (every slot, every layer, the noise
     samples as a batch), as the reference implementation does. sites: (kind index, layer, token)
     triples to run (default all); the scores of the others are NaN."""
+    check_trace_inputs(cfg, fact, target, noise_std, tc)
     length = len(fact.tokens)
     width = padded_width(length, tc)
     l = cfg.num_hidden_layers
