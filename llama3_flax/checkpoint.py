@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
-from .model import LAYER_PARAM_NAMES, Params, param_shapes
+from .model import Params, layer_param_names, param_shapes
 
 _LAYER_HF = {
     "input_layernorm": "input_layernorm.weight", "q_proj": "self_attn.q_proj.weight",
     "k_proj": "self_attn.k_proj.weight", "v_proj": "self_attn.v_proj.weight",
     "o_proj": "self_attn.o_proj.weight", "post_attention_layernorm": "post_attention_layernorm.weight",
     "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight", "down_proj": "mlp.down_proj.weight",
+    "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
 }
 # Buffers some exporters write that carry no parameters.
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -42,7 +43,7 @@ def _hf_names(cfg: LlamaConfig) -> dict[str, tuple]:
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = (("lm_head",), None, shapes["lm_head"])
     for i in range(cfg.num_hidden_layers):
-        for key in LAYER_PARAM_NAMES:
+        for key in layer_param_names(cfg):
             names[f"model.layers.{i}.{_LAYER_HF[key]}"] = (("layers", key), i, shapes["layers"][key][1:])
     return names
 
@@ -64,7 +65,7 @@ def params_from_hf_state_dict(state: Mapping[str, Any], cfg: LlamaConfig) -> Par
                               f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
                               f"{' ...' if len(unexpected) > 8 else ''}")
     dtype = cfg.jnp_dtype
-    layers: dict[str, list] = {k: [None] * cfg.num_hidden_layers for k in LAYER_PARAM_NAMES}
+    layers: dict[str, list] = {k: [None] * cfg.num_hidden_layers for k in layer_param_names(cfg)}
     params: Params = {}
     for name, (path, layer, shape) in expected.items():
         arr = np.asarray(state[name])

@@ -9,6 +9,9 @@ Parameters (names follow transformers so checkpoints map one-to-one; layers stac
      "norm": (D,),
      "lm_head": (V, D)}        # absent when cfg.tie_word_embeddings
 
+with, when cfg.qkv_bias (Qwen2), the projections' biases "q_bias": (L, H*E), "k_bias" and "v_bias":
+(L, K*E) in "layers".
+
 Because layers are stacked and scanned, every layer index (capture sites, injection layer, the range
 of layers run) is data: choosing another layer never recompiles.
 """
@@ -30,6 +33,12 @@ Params = dict[str, Any]
 
 LAYER_PARAM_NAMES = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                      "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+QKV_BIAS_NAMES = ("q_bias", "k_bias", "v_bias")
+
+
+def layer_param_names(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The per-layer parameters of cfg's architecture (the Llama ones, and Qwen2's q/k/v biases)."""
+    return LAYER_PARAM_NAMES + (QKV_BIAS_NAMES if cfg.qkv_bias else ())
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
@@ -45,13 +54,15 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         },
         "norm": (d,),
     }
+    if cfg.qkv_bias:
+        shapes["layers"].update(q_bias=(l, h * e), k_bias=(l, k * e), v_bias=(l, k * e))
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (cfg.vocab_size, d)
     return shapes
 
 
 def init_params(cfg: LlamaConfig, rng: jax.Array, std: float = 0.02) -> Params:
-    """Random parameters of the right shapes (normal weights, unit norms), in cfg.dtype."""
+    """Random parameters of the right shapes (normal weights and biases, unit norms), in cfg.dtype."""
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     paths = [jax.tree_util.keystr(p) for p, _ in
@@ -174,9 +185,15 @@ def attention_block(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, kv=None, wr
     """
     b, t, _ = h.shape
     x = lm.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps)
-    q = lm.linear(x, lp["q_proj"]).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-    k = lm.linear(x, lp["k_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-    v = lm.linear(x, lp["v_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+
+    def project(name, heads):
+        y = lm.linear(x, lp[f"{name}_proj"])
+        if cfg.qkv_bias:
+            y = y + lp[f"{name}_bias"].astype(y.dtype)
+        return y.reshape(b, t, heads, cfg.head_dim)
+
+    q = project("q", cfg.num_attention_heads)
+    k, v = project("k", cfg.num_key_value_heads), project("v", cfg.num_key_value_heads)
     q, k = lm.apply_rope(q, cos, sin), lm.apply_rope(k, cos, sin)
     if kv is not None:
         rows = jnp.arange(b)[:, None]

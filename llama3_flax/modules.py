@@ -36,7 +36,7 @@ class LlamaForCausalLM(nnx.Module):
         _check_shapes(cfg, params)
         self.cfg = cfg
         self.embed_tokens = nnx.Param(params["embed_tokens"])
-        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in model.LAYER_PARAM_NAMES})
+        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in model.layer_param_names(cfg)})
         self.norm = nnx.Param(params["norm"])
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(params["lm_head"])
@@ -48,7 +48,7 @@ class LlamaForCausalLM(nnx.Module):
     def params(self) -> Params:
         """The pure parameter pytree of model.py (the arrays themselves, not copies)."""
         out: Params = {"embed_tokens": self.embed_tokens[...],
-                       "layers": {k: self.layers[k][...] for k in model.LAYER_PARAM_NAMES},
+                       "layers": {k: self.layers[k][...] for k in model.layer_param_names(self.cfg)},
                        "norm": self.norm[...]}
         if not self.cfg.tie_word_embeddings:
             out["lm_head"] = self.lm_head[...]

@@ -59,6 +59,10 @@ LLAMA_RULES = ShardingRules((
     ("layers/gate_proj", (None, MODEL, DATA)),
     ("layers/up_proj", (None, MODEL, DATA)),
     ("layers/down_proj", (None, DATA, MODEL)),
+    # Qwen2's q/k/v biases follow their projections' output (heads) over MODEL
+    ("layers/q_bias", (None, MODEL)),
+    ("layers/k_bias", (None, MODEL)),
+    ("layers/v_bias", (None, MODEL)),
 ))
 
 

@@ -17,13 +17,16 @@ def rel_err(got, want, where=None) -> float:
 
 
 def torch_model(cfg, params):
-    """transformers' LlamaForCausalLM built from cfg.to_hf(), holding params (eager attention, float32)."""
+    """transformers' LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM (cfg.architecture) built
+    from cfg.to_hf(), holding params (eager attention, float32)."""
     import torch
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = HFConfig(**cfg.to_hf())
+    hf = cfg.to_hf()
+    hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
     hf_cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(hf_cfg).float().eval()
+    model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    assert type(model).__name__ == hf["architectures"][0], type(model).__name__
     state = {k: torch.from_numpy(np.asarray(v, np.float32).copy())
              for k, v in checkpoint.hf_state_dict_from_params(params, cfg).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
