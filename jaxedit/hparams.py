@@ -90,6 +90,8 @@ class CovarianceHparams:
       in float32 (the tensor-core rate on accelerators; over 100 SmolLM2 samples the C0 differs from
       float32's by 1.7e-4 (layer 20) to 4.0e-4 (layer 3) relative, with a diagonal bias of -2.7e-6 to
       -7.5e-6; cached apart from float32).
+    identity: C0 = I, no corpus pass: ROME without its second-moment adjustment (EasyEdit's ROME files,
+      `mom2_adjustment: false`), whose update is (v - W k) k^T / (k^T k).
     """
 
     corpus: str = "wikitext-103-valid.tokens"
@@ -97,10 +99,13 @@ class CovarianceHparams:
     max_length: int = 128
     batch_size: int = 8
     product_dtype: str = "float32"
+    identity: bool = False
 
     def __post_init__(self):
         for name in ("n_samples", "max_length", "batch_size"):
             _whole("CovarianceHparams", name, getattr(self, name), 1)
+        if not isinstance(self.identity, bool):
+            raise ValueError(f"CovarianceHparams.identity must be True or False, got {self.identity!r}")
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(f"CovarianceHparams.product_dtype must be one of {PRODUCT_DTYPES}, got "
                              f"{self.product_dtype!r}")
@@ -142,6 +147,8 @@ class EditHparams:
         _finite("EditHparams", "emmet_lambda", self.emmet_lambda, minimum=0.0)
         _finite("EditHparams", "nullspace_threshold", self.nullspace_threshold, positive=True)
         _finite("EditHparams", "l2", self.l2, positive=True)
+        if self.covariance.identity and self.spec.uses_null_space:
+            raise ValueError(f"{self.spec.title} needs C0's null space: covariance.identity (C0 = I) has none")
 
     @property
     def spec(self) -> Method:
@@ -212,7 +219,37 @@ def _llama3_2_1b(method: str) -> EditHparams:
     return _paper_llama3_8b(method)
 
 
-_PRESETS = {"llama3-8b": _paper_llama3_8b, "llama3.2-1b": _llama3_2_1b, "smollm2-135m": _smollm2_135m}
+def _easyedit_7b(model: str, method: str) -> EditHparams:
+    # Qwen2.5-7B and Mistral-7B: EasyEdit's published hparams (zjunlp/EasyEdit hparams/<METHOD>/
+    # <model>.yaml), whose values tests/jaxedit/interop/fixtures/easyedit/ holds; the tests read them
+    # through jaxedit.interop.hparams_files and check them against these presets. EasyEdit has no EMMET
+    # file for either model and no AlphaEdit file for Mistral-7B: EMMET takes the values of its EMMET
+    # files for Llama models (llama-7b.yaml and llama3.2-3b.yaml agree), Mistral-7B's AlphaEdit those of
+    # AlphaEdit/llama3-8b.yaml (the same widths and 32 layers). What the files do not carry (template
+    # seed, early stop, C0 sample length 512) is the paper's Llama-3-8B preset's.
+    m = method_named(method)
+    value = ValueHparams(v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625)
+    # EasyEdit's mom2_dataset "wikipedia" (jaxedit.interop.hparams_files.MOM2_DATASETS), 100k samples
+    covariance = CovarianceHparams(corpus="wikipedia:20220301.en", n_samples=100000, max_length=512)
+    common = {"templates": reference_templates(m), "covariance": covariance}
+    if m.name == "rome":  # EasyEdit's ROME files say mom2_adjustment: false, i.e. C0 = I
+        return EditHparams(method=m.name, layers=(5,), value=value, templates=reference_templates(m),
+                           covariance=dataclasses.replace(covariance, identity=True))
+    if m.name == "emmet":
+        return EditHparams(method=m.name, layers=(5,), value=value, mom2_update_weight=100000.0, emmet_lambda=0.1,
+                           **common)
+    if m.uses_null_space:
+        if model == "mistral-7b":  # AlphaEdit/llama3-8b.yaml's value settings
+            value = ValueHparams(v_num_grad_steps=25, v_lr=0.1, v_weight_decay=0.5, clamp_norm_factor=0.75,
+                                 kl_factor=0.0625)
+        return EditHparams(method=m.name, layers=(4, 5, 6, 7, 8), value=value, nullspace_threshold=2e-2, l2=1.0,
+                           **common)
+    return EditHparams(method=m.name, layers=(4, 5, 6, 7, 8), value=value, mom2_update_weight=15000.0, **common)
+
+
+_PRESETS = {"llama3-8b": _paper_llama3_8b, "llama3.2-1b": _llama3_2_1b, "smollm2-135m": _smollm2_135m,
+            "qwen2.5-7b": lambda method: _easyedit_7b("qwen2.5-7b", method),
+            "mistral-7b": lambda method: _easyedit_7b("mistral-7b", method)}
 PRESET_NAMES = tuple(sorted(_PRESETS))
 
 
@@ -230,6 +267,8 @@ _PRESET_SHAPES = {
     "smollm2-135m": ((576, 1536, 30, 3), (49152,)),
     "llama3-8b": ((4096, 14336, 32, 8), (128256,)),       # Llama-3-8B and Llama-3.1-8B
     "llama3.2-1b": ((2048, 8192, 16, 8), (128256,)),
+    "qwen2.5-7b": ((3584, 18944, 28, 4), (152064,)),      # Qwen2.5-7B and Qwen2-7B
+    "mistral-7b": ((4096, 14336, 32, 8), (32000, 32768)),  # Mistral-7B v0.1/v0.2 and v0.3
 }
 BORROWED_PRESET = "llama3-8b"  # the paper's settings, for models that have no preset of their own
 

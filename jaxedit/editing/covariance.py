@@ -187,7 +187,7 @@ def preservation_covariance(params: llama.Params, cfg: LlamaConfig, tokenizer, l
         spec.n_samples token samples (documents, then further chunks; see corpus_samples) of at
         most spec.max_length tokens, packed into rows of max_length token slots (short samples
         share a row), spec.batch_size rows per forward pass (every pass has the same shape), and
-        spec.product_dtype for the outer products.
+        spec.product_dtype for the outer products; spec.identity: C0 = I, no corpus read.
       data_dir: the data folder for bare corpus names (default $JAXEDIT_DATA; jaxedit.data.paths).
       cache_dir: folder for the per-layer cache files; None disables caching.
       split, text_field: for hub datasets.
@@ -215,6 +215,8 @@ def preservation_covariance(params: llama.Params, cfg: LlamaConfig, tokenizer, l
     if bad or not wanted:
         raise ValueError(f"layers {wanted} must be non-empty and in [0, {cfg.num_hidden_layers})")
     wanted = sorted(set(wanted))
+    if spec.identity:  # ROME without the second-moment adjustment: C0 = I, nothing to measure
+        return {l: jnp.eye(cfg.intermediate_size, dtype=jnp.float32) for l in wanted}
     corpus = CorpusSpec.parse(spec.corpus, split=split, text_field=text_field, data_dir=data_dir)
     f = cfg.intermediate_size
 

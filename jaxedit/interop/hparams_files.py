@@ -12,8 +12,9 @@ Hyperparameters
     the method comes from the `method` argument or the file's folder name),
 into a `jaxedit.hparams.EditHparams`. Every field is either used, checked to have the only value
 jaxedit implements, or accepted as purely technical (devices, module paths, where statistics are
-stored, ...). Anything else raises `UnsupportedHparams` naming the fields, e.g. `fact_token` other
-than "subject_last", `mom2_adjustment: false`, a `v_loss_layer` that is not the model's last layer,
+stored, ...). ROME's `mom2_adjustment: false` (EasyEdit's ROME files) reads as C0 = I
+(CovarianceHparams.identity). Anything else raises `UnsupportedHparams` naming the fields, e.g. `fact_token` other
+than "subject_last", `mom2_adjustment: false` outside ROME, a `v_loss_layer` that is not the model's last layer,
 `update_norm_lambda` != 0, EMMET over several layers. Settings that the files do not carry (template
 sampling seed, early-stop threshold, C0 sample length, ...) come from `base` (an EditHparams, e.g. a
 jaxedit.hparams.preset). `hparams_to_dict` / `write_hparams` write the other way (for running the
@@ -56,7 +57,6 @@ _MLP_OUT_NAMES = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2")
 _REQUIRED_VALUES = {
     "fact_token": ("subject_last", "keys and values are read at the subject's last token only"),
     "layer_selection": ("all", "every listed layer is edited"),
-    "mom2_adjustment": (True, "every editor uses the preservation covariance C0"),
     "mom2_dtype": ("float32", "C0 is accumulated in float32"),
     "update_norm_lambda": (0, "EMMET's extra norm penalty on the update is not implemented"),
     "enable_prompt_keys": (False, "ROME keys are averaged over the context templates"),
@@ -193,6 +193,13 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
             return None
 
     # --- checked-only fields
+    if "mom2_adjustment" in data:
+        used.add("mom2_adjustment")
+        if not (_same(data["mom2_adjustment"], True) or _same(data["mom2_adjustment"], False)):
+            problem("mom2_adjustment", "must be true or false")
+        elif _same(data["mom2_adjustment"], False) and m != "rome":
+            # the tools' MEMIT, EMMET and AlphaEdit never read the field: they always use C0
+            problem("mom2_adjustment", "only ROME runs without C0 (C0 = I); MEMIT, EMMET and AlphaEdit always use it")
     for name, (wanted, why) in _REQUIRED_VALUES.items():
         if name in data:
             used.add(name)
@@ -240,6 +247,8 @@ def hparams_from_dict(data: Mapping[str, Any], *, method: str | None = None, cfg
 
     # --- covariance
     cov_changes = {}
+    if "mom2_adjustment" in data:
+        cov_changes["identity"] = _same(data["mom2_adjustment"], False)
     if "mom2_dataset" in data:
         used.add("mom2_dataset")
         ds = str(data["mom2_dataset"])
@@ -361,6 +370,9 @@ def hparams_to_dict(hp: EditHparams, cfg: LlamaConfig, *, fmt: str = "easyedit",
     if fmt not in ("easyedit", "reference"):
         raise ValueError(f"fmt must be 'easyedit' or 'reference', got {fmt!r}")
     v = hp.value
+    if hp.covariance.identity and hp.method != "rome":
+        raise UnsupportedHparams(f"covariance.identity cannot be written for {hp.spec.title}: only the tools' ROME "
+                                 "runs without C0 (mom2_adjustment: false)")
     if v.early_stop_loss != ValueHparams().early_stop_loss:
         raise UnsupportedHparams(f"early_stop_loss={v.early_stop_loss} cannot be written: the tools fix it at 5e-2")
     out: dict[str, Any] = {}
@@ -368,7 +380,8 @@ def hparams_to_dict(hp: EditHparams, cfg: LlamaConfig, *, fmt: str = "easyedit",
         out.update(alg_name=hp.spec.title, model_name=model_name or "", stats_dir=stats_dir, device=device)
     out.update(layers=list(hp.layers), fact_token="subject_last", v_num_grad_steps=v.v_num_grad_steps,
                v_lr=v.v_lr, v_loss_layer=cfg.num_hidden_layers - 1, v_weight_decay=v.v_weight_decay,
-               clamp_norm_factor=v.clamp_norm_factor, kl_factor=v.kl_factor, mom2_adjustment=True)
+               clamp_norm_factor=v.clamp_norm_factor, kl_factor=v.kl_factor,
+               mom2_adjustment=not hp.covariance.identity)
     if hp.method == "rome":  # only the ROME tools read their template groups from the file
         out["context_template_length_params"] = [list(g) for g in hp.templates.groups]
     else:

@@ -219,3 +219,12 @@ def test_samples_are_packed_into_rows_once_each():
     samples = [[5] * n for n in lengths]
     assert cov.padding_share(samples, batch_size=2, max_length=24, pad_multiple=8) == pytest.approx(
         1 - sum(lengths) / (3 * 2 * 24))  # 5 rows in 3 batches of 2
+
+
+def test_identity_spec_gives_the_identity_without_reading_a_corpus(tiny):
+    cfg, params = tiny
+    spec = CovarianceHparams(corpus="no-such-corpus-file.txt", identity=True)  # EasyEdit ROME's mom2_adjustment: false
+    out = cov.preservation_covariance(params, cfg, CharTokenizer(), [2, 0], spec)
+    assert sorted(out) == [0, 2]
+    for c in out.values():
+        np.testing.assert_array_equal(np.asarray(c), np.eye(cfg.intermediate_size, dtype=np.float32))

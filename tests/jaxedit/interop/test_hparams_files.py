@@ -194,10 +194,15 @@ def test_all_problems_reported_at_once(tmp_path):
         assert f in str(e.value)
 
 
-def test_rome_without_covariance_is_unsupported(tmp_path):
+def test_rome_without_covariance_reads_as_identity_and_writes_back(tmp_path):
     text = EASYEDIT_ROME.replace("mom2_adjustment: true", "mom2_adjustment: false")
-    with pytest.raises(hparams_files.UnsupportedHparams, match="mom2_adjustment=False"):
-        hparams_files.read_hparams(_write(tmp_path, "ROME", "r.yaml", text), cfg=LLAMA3_8B)
+    hp = hparams_files.read_hparams(_write(tmp_path, "ROME", "r.yaml", text), cfg=LLAMA3_8B)
+    assert hp.covariance.identity
+    assert not hparams_files.read_hparams(_write(tmp_path, "ROME", "c.yaml", EASYEDIT_ROME), cfg=LLAMA3_8B).covariance.identity
+    assert hparams_files.hparams_to_dict(hp, LLAMA3_8B)["mom2_adjustment"] is False
+    with pytest.raises(hparams_files.UnsupportedHparams, match="only the tools' ROME"):
+        hparams_files.hparams_to_dict(hp.replace(method="memit", templates=hparams.reference_templates("memit")),
+                                      LLAMA3_8B)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "emmet", "alphaedit"])
