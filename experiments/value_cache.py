@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -28,6 +29,23 @@ def _folder_key(model: str, tokenizer: str, hp, groups) -> str:
                        "value": dataclasses.asdict(hp.value), "templates": [list(g) for g in groups]},
                       sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def _stored_row(path: Path, width: int) -> tuple[dict | None, str]:
+    """(the stored fields of one request's value, "") or (None, what is wrong with the file): a torn
+    file, a missing field, or a value of another width than the model's (made by another model)."""
+    try:
+        with np.load(path) as z:
+            row = {f: np.array(z[f]) for f in _VALUE_FIELDS}
+    except KeyError as e:
+        return None, f"without the field {e}"
+    except Exception as e:  # noqa: BLE001  (a torn or foreign file: numpy and zipfile raise many kinds)
+        return None, f"unreadable ({type(e).__name__})"
+    for f in _VALUE_FIELDS:
+        want = (width,) if f in ("target", "init", "delta") else ()
+        if row[f].shape != want:
+            return None, f"of shape {row[f].shape} for {f!r} where the model needs {want}"
+    return row, ""
 
 
 def request_file_name(request) -> str:
@@ -76,11 +94,11 @@ class ValueCache:
             name = request_file_name(r)
             p = folder / name
             if name not in have and p.is_file() and p.stat().st_mtime >= fresh_after:
-                try:
-                    with np.load(p) as z:
-                        have[name] = {f: np.array(z[f]) for f in _VALUE_FIELDS}
-                except Exception:  # a torn file: recompute
-                    pass
+                row, why = _stored_row(p, self.cfg.hidden_size)
+                if row is None:
+                    logging.warning("value cache entry %s is %s; recomputing it", p, why)
+                else:
+                    have[name] = row
         missing, missing_names = [], set()
         for r in requests:  # each content once, however many case ids ask for it
             name = request_file_name(r)
