@@ -286,12 +286,69 @@ def load_hf_folder_onto_mesh(folder: str | os.PathLike, mesh, rules=None, dtype:
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
+def check_params_match_config(params: Params, cfg: LlamaConfig) -> None:
+    """ValueError naming the first parameter that is missing, unexpected or not of the shape cfg implies
+    (model.param_shapes): params made for another model, or the wrong config. Reads no values."""
+    def walk(got, want, where):
+        if isinstance(want, dict):
+            if not isinstance(got, Mapping):
+                raise ValueError(f"{where} is a {type(got).__name__}; the config implies a dict of {sorted(want)}")
+            missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            if missing or unexpected:
+                raise ValueError(f"{where} does not match the config: missing {missing}, unexpected {unexpected} "
+                                 "(params of another model, or the wrong config?)")
+            for key in want:
+                walk(got[key], want[key], f"{where}[{key!r}]")
+        elif tuple(np.shape(got)) != tuple(want):
+            raise ValueError(f"{where} has shape {tuple(np.shape(got))}, the config implies {tuple(want)} "
+                             "(params of another model, or the wrong config?)")
+
+    walk(params, param_shapes(cfg), "params")
+
+
+def check_writable_model(cfg: LlamaConfig, params: Params, tokenizer=None) -> None:
+    """CheckpointError for a model that load_model would refuse once written, before anything is
+    written: params not of cfg's shapes, non-finite (NaN/Inf) weights, or a tokenizer with more
+    tokens than the vocabulary. The writers (save_hf_folder, gguf_export.save_gguf) call it first."""
+    import jax
+
+    try:
+        check_params_match_config(params, cfg)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, cfg)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"refusing to write the model: {e}") from None
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in flat:
+        finite = jnp.isfinite(jnp.asarray(leaf))  # on the arrays' devices: no host copy
+        if not bool(jnp.all(finite)):
+            bad = int(finite.size - jnp.count_nonzero(finite))
+            where = "params" + jax.tree_util.keystr(path)
+            layers = ""
+            if where.startswith("params['layers']"):  # stacked per layer: name the layers
+                hit = np.flatnonzero(np.asarray(~jnp.all(finite.reshape(finite.shape[0], -1), axis=1)))
+                layers = f" in layer(s) {hit[:8].tolist()}{' ...' if len(hit) > 8 else ''}"
+            raise CheckpointError(f"refusing to write the model: {where} has {bad} non-finite (NaN/Inf) values{layers} "
+                                  f"out of {finite.size}; load_model would refuse the file")
+
+
 def save_hf_folder(folder: str | os.PathLike, params: Params, cfg: LlamaConfig, tokenizer=None,
                    max_shard_bytes: int = 4 << 30) -> Path:
-    """Writes params as an HF folder that transformers' LlamaForCausalLM.from_pretrained loads."""
+    """Writes params as an HF folder that transformers' LlamaForCausalLM.from_pretrained loads.
+
+    Refused before anything is written (CheckpointError): what load_model would refuse
+    (check_writable_model), a folder name ending in .gguf (load_model would read it as a GGUF file),
+    and a folder that already holds a checkpoint (the files of two models would mix).
+    """
     from safetensors.numpy import save_file
 
     folder = Path(folder)
+    check_writable_model(cfg, params, tokenizer)
+    if folder.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{folder}: an HF folder named .gguf would be read as a GGUF file; choose "
+                              "another name, or write a GGUF file (gguf_export.save_gguf)")
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder} already holds a checkpoint (*.safetensors); write to a new folder")
     folder.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict_from_params(params, cfg)
     if cfg.dtype == "bfloat16":  # safetensors.numpy handles ml_dtypes bfloat16 arrays

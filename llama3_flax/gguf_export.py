@@ -202,18 +202,14 @@ def _special_token_ids(cfg: LlamaConfig, tokenizer_ids: dict[str, Any]) -> dict[
 
 # ------------------------------------------------------------------ tensors
 def _check_params(params: Params, cfg: LlamaConfig) -> None:
-    expected = param_shapes(cfg)
-    if set(params) != set(expected):
-        raise GGUFExportError(f"params keys {sorted(params)} do not match the config's {sorted(expected)}")
-    for key, shape in expected.items():
-        if key == "layers":
-            for name, s in shape.items():
-                got = tuple(np.shape(params["layers"].get(name)))
-                if got != tuple(s):
-                    raise GGUFExportError(f"params['layers'][{name!r}] has shape {got}, the config implies {s}")
-        elif tuple(np.shape(params[key])) != tuple(shape):
-            raise GGUFExportError(f"params[{key!r}] has shape {tuple(np.shape(params[key]))}, the config "
-                                  f"implies {shape}")
+    """What load_gguf would refuse of the written file (checkpoint.check_writable_model: params of
+    cfg's shapes, finite weights), as GGUFExportError. The tokenizer is checked by _tokenizer_metadata."""
+    from .checkpoint import CheckpointError, check_writable_model
+
+    try:
+        check_writable_model(cfg, params)
+    except CheckpointError as e:
+        raise GGUFExportError(str(e)) from None
 
 
 def _named_tensors(params: Params, cfg: LlamaConfig):
@@ -284,6 +280,8 @@ def save_gguf(path: str | os.PathLike, params: Params, cfg: LlamaConfig, *, toke
         raise GGUFExportError(f"{path}: a GGUF file name must end in .gguf (load_model tells files by it)")
     if not path.parent.is_dir():
         raise GGUFExportError(f"folder {path.parent} does not exist")
+    if path.is_dir():
+        raise GGUFExportError(f"{path} is a folder; a GGUF file cannot replace it")
     tok = _tokenizer_metadata(tokenizer_source, cfg.vocab_size)
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

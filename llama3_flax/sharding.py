@@ -115,7 +115,14 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: ShardingRules = LLAMA_R
 
 
 def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh, rules: ShardingRules = LLAMA_RULES) -> Params:
-    """params placed on the mesh by the rules (a new tree; the input is untouched)."""
+    """params placed on the mesh by the rules (a new tree; the input is untouched).
+
+    Raises ValueError before anything moves: params not of cfg's shapes (another model's params, or
+    the wrong config, would otherwise be laid out by cfg's rules without a word), or rules that do not fit.
+    """
+    from llama3_flax.checkpoint import check_params_match_config
+
+    check_params_match_config(params, cfg)
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
