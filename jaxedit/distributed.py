@@ -8,8 +8,48 @@ and only process 0 writes files (`is_writer`).
 """
 from __future__ import annotations
 
+import socket
+import threading
+
 import jax
 import numpy as np
+
+
+# How long the coordinator's host name may take to resolve before it is called unresolvable.
+RESOLVE_TIMEOUT_SECONDS = 10.0
+
+
+def check_coordinator_address(address: str | None, resolve_timeout: float = RESOLVE_TIMEOUT_SECONDS) -> str:
+    """`address` ("host:port", "[v6 address]:port") once its port is an integer in 1..65535 and its host
+    resolves (socket.getaddrinfo, given resolve_timeout seconds); else ValueError saying which.
+
+    jax.distributed takes neither check: a port that is not a number crashes the process
+    (SIGSEGV), and a host that does not resolve keeps every process waiting for minutes.
+    """
+    host, colon, port = (address or "").rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host:
+        raise ValueError(f"coordinator_address must be host:port (e.g. host0:1234), got {address!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"coordinator_address {address!r}: the port {port!r} must be an integer in 1..65535")
+    found: list = []
+
+    def resolve():
+        try:
+            found.append(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM))
+        except OSError as e:
+            found.append(e)
+
+    worker = threading.Thread(target=resolve, daemon=True)  # getaddrinfo itself has no timeout
+    worker.start()
+    worker.join(resolve_timeout)
+    if not found:
+        raise ValueError(f"coordinator_address {address!r}: the host {host!r} did not resolve within "
+                         f"{resolve_timeout:g} s; give process 0's host name or IP address")
+    if isinstance(found[0], OSError):
+        raise ValueError(f"coordinator_address {address!r}: the host {host!r} does not resolve ({found[0]}); give "
+                         "process 0's host name or IP address")
+    return address
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int,
@@ -20,13 +60,15 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
 
     heartbeat_timeout_seconds: a process that stops answering for this long (it died) makes the
     others fail with an error naming the missing task, instead of waiting in a collective forever.
+    Bad settings (check_coordinator_address) raise ValueError before jax.distributed starts.
     """
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ValueError(f"process_id {process_id} must be in 0..{num_processes - 1} (num_processes {num_processes})")
     if num_processes == 1:
         return
-    if not coordinator_address or ":" not in coordinator_address:
-        raise ValueError(f"coordinator_address must be host:port, got {coordinator_address!r}")
+    coordinator_address = check_coordinator_address(coordinator_address)
+    if heartbeat_timeout_seconds < 1:
+        raise ValueError(f"heartbeat_timeout_seconds must be >= 1, got {heartbeat_timeout_seconds}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
