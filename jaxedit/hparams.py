@@ -121,6 +121,10 @@ class EditHparams:
     emmet_lambda: EMMET's ridge on K^T C^-1 K, keeping the equality-constrained solve stable.
     nullspace_threshold: AlphaEdit: C0's eigenvalues below it span the directions the update may use.
     l2: AlphaEdit's ridge on the update (the reference code's L2).
+    norm_constraint: ENCORE's Frobenius-norm constraint, the weight of ||dW||_F^2 added to the
+      objective (0: none). The closed form keeps its shape: ROME, MEMIT and EMMET solve with
+      C0 + (norm_constraint / mom2_update_weight) I in place of C0 (see jaxedit.editing.pm);
+      AlphaEdit's l2 already weighs ||dW||_F^2, so the two add.
     """
 
     method: str
@@ -132,6 +136,7 @@ class EditHparams:
     emmet_lambda: float = 0.1
     nullspace_threshold: float = 2e-2
     l2: float = 10.0
+    norm_constraint: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "method", method_named(self.method).name)
@@ -147,8 +152,16 @@ class EditHparams:
         _finite("EditHparams", "emmet_lambda", self.emmet_lambda, minimum=0.0)
         _finite("EditHparams", "nullspace_threshold", self.nullspace_threshold, positive=True)
         _finite("EditHparams", "l2", self.l2, positive=True)
+        _finite("EditHparams", "norm_constraint", self.norm_constraint, minimum=0.0)
+        if self.norm_constraint and self.covariance.identity:
+            raise ValueError("norm_constraint needs C0: with covariance.identity (C0 = I) it only rescales lambda")
         if self.covariance.identity and self.spec.uses_null_space:
             raise ValueError(f"{self.spec.title} needs C0's null space: covariance.identity (C0 = I) has none")
+
+    @property
+    def preservation_shift(self) -> float:
+        """What the norm constraint adds to C0's diagonal for ROME, MEMIT and EMMET."""
+        return float(self.norm_constraint) / float(self.mom2_update_weight)
 
     @property
     def spec(self) -> Method:

@@ -83,9 +83,9 @@ def layer_update(hparams: EditHparams, C, K: jax.Array, R: jax.Array, previous_k
     if hparams.spec.uses_null_space:
         if not isinstance(C, pm.NullSpace):
             C = pm.null_space(jnp.asarray(C), hparams.nullspace_threshold)
-        return pm.alphaedit_delta(C, K, R, hparams.l2, previous_keys=previous_keys)
+        return pm.alphaedit_delta(C, K, R, hparams.l2 + hparams.norm_constraint, previous_keys=previous_keys)
     if not isinstance(C, pm.Preservation):
-        C = pm.factor_preservation(jnp.asarray(C))
+        C = pm.factor_preservation(jnp.asarray(C), shift=hparams.preservation_shift)
     ridge = hparams.spec.ridge(hparams.mom2_update_weight, hparams.emmet_lambda, int(K.shape[1]))
     return pm.pm_delta(C, K, R, ridge)
 
@@ -141,7 +141,8 @@ def edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hparams: EditH
         repairs = []
     else:
         factors, repairs = preflight.preservation_factors(covariances, hparams.layers, cfg.intermediate_size,
-                                                          allow_jitter=allow_jitter)
+                                                          allow_jitter=allow_jitter,
+                                                          shift=hparams.preservation_shift)
     previous_keys = _checked_previous_keys(previous_keys, method, hparams.layers, cfg.intermediate_size)
     if values is not None:
         _check_values(values, _values_for(params, cfg, requests, hparams), cfg)

@@ -20,6 +20,13 @@ n x n eigendecomposition instead of an F x F solve. Scaling C by lam is the same
 by 1/lam and dW by 1/lam, so one factor of C0 serves every lam: a sweep over lam (or ridge) is a
 vmap that re-uses the triangular solves and the eigendecomposition.
 
+A norm constraint on the update (ENCORE's): MEMIT's objective with a Frobenius term,
+||dW K - R||^2 + lam ||dW K0||^2 + mu ||dW||_F^2 (K0 K0^T = C0), has its gradient zero where
+dW (K K^T + lam C0 + mu I) = R K^T: MEMIT's update with C = C0 + (mu / lam) I. EMMET's and ROME's
+equality-constrained updates, minimising lam ||dW K0||^2 + mu ||dW||_F^2 subject to dW K = R, are (1)
+with the same C. So every method keeps its closed form and its solve; only the factored matrix moves
+(`factor_preservation(C0, shift=mu / lam)`).
+
 Numerics: everything runs in float64 (inside a `jax.enable_x64` context, also under an outer jit in
 32-bit mode), whatever the input dtype; results come back as float32. A float32 Cholesky with
 float32 iterative refinement cannot do as well: its forward error grows like cond(C) * 6e-8 (see
@@ -82,6 +89,8 @@ class Preservation:
       positive_definite: () bool, whether C itself factored (jitter == 0).
       factored: () bool, whether a finite factor exists at all (possibly after jitter).
       jitter: () float32 added to the diagonal to make C factorable (0 when C is positive definite).
+      shift: () float32 added to C's diagonal on purpose before factoring (a norm constraint on the
+        update, see the module docstring); the factor is of C + (shift + jitter) I.
     """
 
     chol: jax.Array
@@ -89,6 +98,7 @@ class Preservation:
     positive_definite: jax.Array
     factored: jax.Array
     jitter: jax.Array
+    shift: jax.Array = 0.0
 
     @property
     def size(self) -> int:
@@ -101,7 +111,7 @@ def _symmetric_check(c: jax.Array, name: str) -> None:
         raise ValueError(f"{name} must be a square (F, F) matrix, got shape {tuple(c.shape)}")
 
 
-def factor_preservation(C: jax.Array, *, max_relative_jitter: float = 1e-6,
+def factor_preservation(C: jax.Array, *, shift: float = 0.0, max_relative_jitter: float = 1e-6,
                         cond_iters: int = 32) -> Preservation:
     """Factors a preservation matrix once (per layer) for `pm_delta`, in float64.
 
@@ -112,6 +122,7 @@ def factor_preservation(C: jax.Array, *, max_relative_jitter: float = 1e-6,
 
     Args:
       C: (F, F) symmetric matrix, any float dtype (it is symmetrised as (C + C^T) / 2).
+      shift: added to the diagonal first, in float64 (a norm constraint on the update: see above).
       max_relative_jitter: the largest diagonal jitter tried, relative to mean(diag C).
       cond_iters: power iterations for the condition estimate.
     Returns:
@@ -119,16 +130,18 @@ def factor_preservation(C: jax.Array, *, max_relative_jitter: float = 1e-6,
       for Llama-3-8B's F = 14336).
     """
     _symmetric_check(C, "C")
-    return _float64_call(_factor, C, max_relative_jitter, cond_iters=cond_iters)
+    if not np.isfinite(shift) or shift < 0:
+        raise ValueError(f"the preservation shift must be finite and >= 0, got {shift}")
+    return _float64_call(_factor, C, max_relative_jitter, float(shift), cond_iters=cond_iters)
 
 
 @functools.partial(jax.jit, static_argnames=("cond_iters",))
-def _factor(C, max_relative_jitter, *, cond_iters):
+def _factor(C, max_relative_jitter, shift, *, cond_iters):
     f = C.shape[0]
     with jax.enable_x64(True):
         c = C.astype(jnp.float64)
-        c = 0.5 * (c + c.T)
         eye = jnp.eye(f, dtype=jnp.float64)
+        c = 0.5 * (c + c.T) + jnp.asarray(shift, jnp.float64) * eye
         scale = jnp.mean(jnp.diag(c))
         scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
 
@@ -151,7 +164,8 @@ def _factor(C, max_relative_jitter, *, cond_iters):
         jitter, chol, ok = jax.lax.while_loop(keep_trying, retry, (jnp.float64(0.0), chol0, ok0))
         cond = _condition_estimate(c + jitter * eye, chol, cond_iters)
         return Preservation(chol=chol, cond=jnp.where(ok, cond, jnp.inf).astype(jnp.float32),
-                            positive_definite=ok0, factored=ok, jitter=jitter.astype(jnp.float32))
+                            positive_definite=ok0, factored=ok, jitter=jitter.astype(jnp.float32),
+                            shift=jnp.asarray(shift, jnp.float32))
 
 
 def _condition_estimate(c: jax.Array, chol: jax.Array, iters: int) -> jax.Array:

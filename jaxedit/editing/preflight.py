@@ -110,7 +110,7 @@ def null_spaces(covariances: Mapping, layers: Sequence[int], size: int, threshol
 
 
 def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int, *,
-                         allow_jitter: bool = False) -> tuple[dict[int, pm.Preservation], list[str]]:
+                         allow_jitter: bool = False, shift: float = 0.0) -> tuple[dict[int, pm.Preservation], list[str]]:
     """Checks and factors the preservation matrix of every edited layer.
 
     Args:
@@ -119,6 +119,8 @@ def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int,
       size: F, the model's MLP width.
       allow_jitter: accept a C0 that is only semi-definite (e.g. from fewer corpus tokens than F)
         after adding the smallest diagonal jitter that makes it factorable; it is reported.
+      shift: added to C0's diagonal before factoring (a norm constraint, see jaxedit.editing.pm); a
+        given factor must have been made with the same shift.
     Returns:
       ({layer: Preservation}, repairs: sentences saying what was regularised).
     Raises:
@@ -130,8 +132,12 @@ def preservation_factors(covariances: Mapping, layers: Sequence[int], size: int,
     for layer in layers:
         c = covariances[layer]
         if not isinstance(c, pm.Preservation):
-            c = checked_covariance(c, layer, size)
-            c = pm.factor_preservation(c, max_relative_jitter=MAX_RELATIVE_JITTER if allow_jitter else 0.0)
+            c = pm.factor_preservation(checked_covariance(c, layer, size), shift=shift,
+                                       max_relative_jitter=MAX_RELATIVE_JITTER if allow_jitter else 0.0)
+        elif not np.isclose(float(c.shift), shift, rtol=1e-6, atol=0.0):
+            raise ValueError(f"the preservation factor of layer {layer} was made with shift {float(c.shift):.6g}; "
+                             f"these hparams' norm constraint needs {shift:.6g} (factor C0 with "
+                             "pm.factor_preservation(C0, shift=hparams.preservation_shift), or pass C0)")
         elif c.size != size:
             raise ValueError(f"the preservation factor of layer {layer} is for F = {c.size}; the model has F = {size}")
         if not bool(c.factored):

@@ -80,7 +80,8 @@ def sequential_batched_edit(params, cfg, tokenizer, requests: Sequence[EditReque
         fixed, _ = preflight.null_spaces(covariances, hparams.layers, cfg.intermediate_size,
                                          hparams.nullspace_threshold)
     elif not preserve_previous_edits:  # factor C0 once per layer
-        fixed = {l: c if isinstance(c, pm.Preservation) else pm.factor_preservation(jnp.asarray(c))
+        fixed = {l: c if isinstance(c, pm.Preservation) else
+                 pm.factor_preservation(jnp.asarray(c), shift=hparams.preservation_shift)
                  for l, c in covariances.items()}
     else:  # earlier keys change the preservation matrix every batch
         fixed = None
