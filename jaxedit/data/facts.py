@@ -12,6 +12,7 @@ Every error names the file, the line (JSONL, CSV; the record index for JSON) and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -77,39 +78,84 @@ def read_facts(path: str | os.PathLike) -> tuple[EditRequest, ...]:
 
     Raises:
       FileNotFoundError: no such file.
-      FactsFileError: an empty file, a line that is not JSON, a missing or empty field, a subject
-        that is not in its prompt, ... (naming file, line and field).
+      FactsFileError: a folder, an empty or non-UTF-8 file, a line that is not JSON, a missing or
+        empty field, a subject that is not in its prompt, two targets for one prompt and subject, a
+        case_id used twice, ... (naming file, line and field). A UTF-8 byte-order mark is skipped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FactsFileError(f"{path} is a folder; a facts file is one .jsonl, .json or .csv file")
     if not path.is_file():
         raise FileNotFoundError(f"no facts file at {path}")
     suffix = path.suffix.lower()
-    facts: list[EditRequest] = []
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FactsFileError(f"{path}, line {number}: not a JSON object ({e.msg})") from None
-                facts.append(_fact(record, f"{path}, line {number}", number))
-    elif suffix == ".json":
-        data = read_json_list(path, FactsFileError)
-        facts = [_fact(record, f"{path}, record {i}", i) for i, record in enumerate(data)]
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in REQUIRED if c not in (reader.fieldnames or ())]
-            if reader.fieldnames and missing:
-                raise FactsFileError(f"{path}, line 1: the header has no column(s) {missing}")
-            for record in reader:
-                if None in record:
-                    raise FactsFileError(f"{path}, line {reader.line_num}: more cells than header columns")
-                facts.append(_fact(record, f"{path}, line {reader.line_num}", reader.line_num))
-    else:
+    if suffix not in (".jsonl", ".json", ".csv"):
         raise FactsFileError(f"{path}: facts files are .jsonl, .json or .csv")
+    try:  # utf-8-sig: files saved by Excel or Notepad begin with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FactsFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise FactsFileError(f"{path}: the file is empty; it holds no facts")
+    facts: list[EditRequest] = []
+    wheres: list[str] = []
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FactsFileError(f"{path}, line {number}: not a JSON object ({e.msg})") from None
+            wheres.append(f"line {number}")
+            facts.append(_fact(record, f"{path}, line {number}", number))
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FactsFileError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise FactsFileError(f"{path}: expected a JSON list of facts, got {type(data).__name__}")
+        wheres = [f"record {i}" for i in range(len(data))]
+        facts = [_fact(record, f"{path}, record {i}", i) for i, record in enumerate(data)]
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in REQUIRED if c not in (reader.fieldnames or ())]
+        if reader.fieldnames and missing:
+            raise FactsFileError(f"{path}, line 1: the header has no column(s) {missing}{_header_hint(reader.fieldnames)}")
+        for record in reader:
+            if None in record:
+                raise FactsFileError(f"{path}, line {reader.line_num}: more cells than header columns")
+            wheres.append(f"line {reader.line_num}")
+            facts.append(_fact(record, f"{path}, line {reader.line_num}", reader.line_num))
     if not facts:
         raise FactsFileError(f"{path}: the file holds no facts")
+    _check_one_target_per_fact(path, facts, wheres)
     return tuple(facts)
+
+
+def _header_hint(fieldnames) -> str:
+    """What is probably wrong with a CSV header that lacks a required column."""
+    names = list(fieldnames)
+    if len(names) == 1 and (";" in names[0] or "\t" in names[0]):
+        return " (its cells are separated by ';' or tabs; facts CSV files are comma-separated)"
+    if any(n != n.strip() for n in names) and all(c in [n.strip() for n in names] for c in REQUIRED):
+        return " (the header's names have spaces around them: remove the spaces after the commas)"
+    return f"; the header is {names}"
+
+
+def _check_one_target_per_fact(path: Path, facts: list[EditRequest], wheres: list[str]) -> None:
+    """FactsFileError when two facts share a case_id, or one prompt and subject ask for two targets:
+    both edits cannot hold (one key, two values), and the later batch would overwrite the earlier."""
+    by_fact: dict[tuple[str, str], int] = {}
+    by_id: dict[Any, int] = {}
+    for i, f in enumerate(facts):
+        j = by_fact.setdefault((f.prompt, f.subject), i)
+        if facts[j].target_new.strip() != f.target_new.strip():
+            raise FactsFileError(
+                f"{path}, {wheres[i]}: the prompt {f.prompt!r} with subject {f.subject!r} asks for "
+                f"{f.target_new!r}, but {wheres[j]} asks for {facts[j].target_new!r}; a run edits a fact once, "
+                "so keep one of them (or edit the other in a second run)")
+        j = by_id.setdefault(f.case_id, i)
+        if j != i:
+            raise FactsFileError(f"{path}, {wheres[i]}: case_id {f.case_id!r} is also the case_id of {wheres[j]}; "
+                                 "give every fact its own case_id (or none: the line number is used)")
