@@ -34,8 +34,11 @@ def generate(params: Params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Arra
     key_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
     prompt_len = jnp.sum(mask, axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    # the RoPE position of every cache slot: the prompt's, then one more per generated token
+    key_positions = jnp.concatenate([positions, prompt_len[:, None] + jnp.arange(max_new_tokens)], axis=1)
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    h, caches = run_layers_cached(params, cfg, embed(params, tokens), positions, slots, key_mask, caches)
+    h, caches = run_layers_cached(params, cfg, embed(params, tokens), positions, slots, key_mask, caches,
+                                  key_positions=key_positions)
     logits = logits_from_hidden(params, cfg, h[:, -1])
 
     def step(carry, i):
@@ -44,7 +47,7 @@ def generate(params: Params, cfg: LlamaConfig, tokens: jax.Array, mask: jax.Arra
         nxt = _pick(logits, sub, top_k, temperature)
         key_mask = key_mask.at[:, t + i].set(1)
         h, caches = run_layers_cached(params, cfg, embed(params, nxt[:, None]), (prompt_len + i)[:, None],
-                                      jnp.full((b, 1), t + i), key_mask, caches)
+                                      jnp.full((b, 1), t + i), key_mask, caches, key_positions=key_positions)
         logits = logits_from_hidden(params, cfg, h[:, -1])
         return (logits, caches, key_mask, rng), nxt
 

@@ -66,17 +66,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention_bias(query_positions: jax.Array, key_positions: jax.Array, key_mask: jax.Array,
-                   key_ends: jax.Array | None = None) -> jax.Array:
+                   key_ends: jax.Array | None = None, *, window: int | None = None,
+                   query_rope_positions: jax.Array | None = None,
+                   key_rope_positions: jax.Array | None = None) -> jax.Array:
     """Additive bias (B, 1, T, S): 0 where a query may see a key (causal and not padding), else -inf-ish.
 
     Positions are slot indices (not RoPE positions), so causality holds for left padding too.
     key_ends: (B, S) for rows that pack a tree of tokens in depth-first order (several sequences,
     or continuations sharing a prompt): the slot just after each key's subtree. A query sees a key
     only from inside that subtree, i.e. when the key is one of its ancestors (or itself).
+    window: a sliding window (Mistral; cfg.sliding_window, None for none): a query sees only keys
+    fewer than `window` RoPE positions before its own, given query_rope_positions (B, T) and
+    key_rope_positions (B, S). Counted in RoPE positions, not slots, so that a token of a packed tree
+    or one attending to a prefix cache keeps the window it has in its own unpadded sequence.
     """
     allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :].astype(bool)
     if key_ends is not None:
         allowed &= query_positions[:, :, None] < key_ends[:, None, :]
+    if window is not None:
+        if query_rope_positions is None or key_rope_positions is None:
+            raise ValueError("a sliding-window attention bias needs the RoPE positions of the queries and keys")
+        allowed &= (query_rope_positions[:, :, None] - key_rope_positions[:, None, :]) < window
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
 
 

@@ -226,9 +226,11 @@ def layer_context(cfg: LlamaConfig, mask: jax.Array, positions: jax.Array | None
     key_ends: (B, T) subtree ends, for rows packing a token tree (see math.attention_bias).
     """
     b, t = mask.shape
-    cos, sin = lm.rope_angles(cfg, rope_positions(mask) if positions is None else positions)
+    positions = rope_positions(mask) if positions is None else positions
+    cos, sin = lm.rope_angles(cfg, positions)
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return cos, sin, lm.attention_bias(slots, slots, mask, key_ends)
+    return cos, sin, lm.attention_bias(slots, slots, mask, key_ends, window=cfg.sliding_window,
+                                       query_rope_positions=positions, key_rope_positions=positions)
 
 
 def decoder_layer(cfg: LlamaConfig, lp: Params, h, cos, sin, bias, query_block: int | None = None):
@@ -366,7 +368,8 @@ def empty_kv_cache(cfg: LlamaConfig, batch: int, slots: int):
 
 def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions: jax.Array,
                       write_slots: jax.Array, key_mask: jax.Array, caches, *,
-                      first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None):
+                      first_layer: int | jax.Array = 0, last_layer: int | jax.Array | None = None,
+                      key_positions: jax.Array | None = None):
     """Runs layers on some tokens of each sequence, attending over a key/value cache.
 
     Args:
@@ -375,6 +378,8 @@ def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions:
         by slot: a token sees cache slots <= its own).
       key_mask: (B, S) which cache slots hold real tokens once these are written.
       caches: (k, v), each (L, B, S, K, E).
+      key_positions: (B, S) the RoPE positions of the cache slots once these are written; needed
+        (ValueError otherwise) by configs with a sliding window, which is measured in RoPE positions.
     Returns:
       (h, caches): caches updated at write_slots for the layers run.
 
@@ -383,8 +388,13 @@ def run_layers_cached(params: Params, cfg: LlamaConfig, h: jax.Array, positions:
     """
     b = h.shape[0]
     s = caches[0].shape[2]
+    if cfg.sliding_window is not None and key_positions is None:
+        raise ValueError(f"run_layers_cached: this {cfg.architecture} config attends within a sliding window of "
+                         f"{cfg.sliding_window} positions; pass key_positions (the cache slots' RoPE positions)")
     cos, sin = lm.rope_angles(cfg, positions)
-    bias = lm.attention_bias(write_slots, jnp.broadcast_to(jnp.arange(s), (b, s)), key_mask)
+    bias = lm.attention_bias(write_slots, jnp.broadcast_to(jnp.arange(s), (b, s)), key_mask,
+                             window=cfg.sliding_window, query_rope_positions=positions,
+                             key_rope_positions=key_positions)
 
     def active(i, lp, h, k_cache, v_cache):
         h, kv = attention_block(cfg, lp, h, cos, sin, bias, (k_cache, v_cache), write_slots)
@@ -403,7 +413,8 @@ def run_layers_over_prefix(params: Params, cfg: LlamaConfig, h: jax.Array, posit
 
     Args:
       h: (B, T, D) residual stream of the tokens being run; positions: (B, T) their RoPE positions.
-      bias: (B, 1, T, T) which of these tokens each one sees (math.attention_bias).
+      bias: (B, 1, T, T) which of these tokens each one sees (math.attention_bias, with cfg's
+        sliding window if it has one; prefix_bias too).
       prefix: (k, v), each (L, B, S, K, E): keys and values of the earlier tokens (e.g. from
         run_layers_cached); prefix_bias: (B, 1, T, S) which of them each token sees.
       window: scan only the last `window` layers, without a conditional (scan_layers); for reverse-mode

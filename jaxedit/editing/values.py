@@ -288,17 +288,22 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
     p = batch.prefix_width or t
     prefix_slots = jnp.broadcast_to(jnp.arange(p), (rows, p))
     _, row_caches = run_layers_cached(params, cfg, h_layer[:, :p], positions[:, :p], prefix_slots,
-                                      batch.mask[:, :p], empty_kv_cache(cfg, rows, p), first_layer=layer + 1)
+                                      batch.mask[:, :p], empty_kv_cache(cfg, rows, p), first_layer=layer + 1,
+                                      key_positions=positions[:, :p])
     # Only the window's layers enter the loop, sliced here once (a slice inside it is copied per step).
     prefix = window_layers(cfg, window, tuple(c[:, lanes.cache_row, lanes.cache_slot] for c in row_caches))
     loop_params = {**params, "layers": window_layers(cfg, window, params["layers"])}
     n_lanes, width = lanes.row.shape
     lane_slots = jnp.broadcast_to(jnp.arange(width), (n_lanes, width))
-    self_bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end)
-    # a row's cached prefix is seen by its lane tokens: placed at the row's first lane slot
-    prefix_bias = lm.attention_bias(lane_slots, lanes.cache_start, lanes.cache_end > 0, lanes.cache_end)
     h_lanes = h_layer[lanes.row, lanes.slot]  # (Lanes, W, D)
     pos_lanes = positions[lanes.row, lanes.slot]
+    # a sliding window (cfg.sliding_window) is counted in the rows' own RoPE positions
+    self_bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end, window=cfg.sliding_window,
+                                  query_rope_positions=pos_lanes, key_rope_positions=pos_lanes)
+    # a row's cached prefix is seen by its lane tokens: placed at the row's first lane slot
+    prefix_bias = lm.attention_bias(lane_slots, lanes.cache_start, lanes.cache_end > 0, lanes.cache_end,
+                                    window=cfg.sliding_window, query_rope_positions=pos_lanes,
+                                    key_rope_positions=positions[lanes.cache_row, lanes.cache_slot])
     owner_lanes = batch.owner[lanes.row]
     d = h_lanes.shape[-1]
     w_out = unembedding(params, cfg)

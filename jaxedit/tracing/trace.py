@@ -128,7 +128,8 @@ def _corrupted_run(params, cfg, tokens, length, target, noise):
     every = Capture(layers=jnp.arange(cfg.num_hidden_layers), positions=slots)
     h, states = run_layers(params, cfg, x, mask, capture=every)
     entering = jnp.concatenate([x[None], states.resid_out[:-1]])
-    _, caches = run_layers_cached(params, cfg, x, slots, slots, mask, empty_kv_cache(cfg, s, width))
+    _, caches = run_layers_cached(params, cfg, x, slots, slots, mask, empty_kv_cache(cfg, s, width),
+                                  key_positions=slots)
     return _probability(params, cfg, h[:, length - 1], target), entering, caches
 
 
@@ -139,12 +140,16 @@ def _restored_chunk(params, cfg, table, entering, caches, target, lanes: Lanes):
     start = jnp.minimum(lanes.chunk_first, cfg.num_hidden_layers - 1)  # padding chunks run no layer
     h = entering[start][lanes.sample[:, None], jnp.maximum(lanes.token, 0)]
     lane_slots = jnp.broadcast_to(jnp.arange(w), (c, w))
-    bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end)
+    positions = jnp.maximum(lanes.token, 0)  # a lane token's RoPE position is its prompt slot
+    bias = lm.attention_bias(lane_slots, lane_slots, lanes.end > 0, lanes.end, window=cfg.sliding_window,
+                             query_rope_positions=positions, key_rope_positions=positions)
     cached = jnp.broadcast_to(jnp.arange(width), (c, width))
-    prefix_bias = lm.attention_bias(lanes.site_token - 1, cached, jnp.ones((c, width), jnp.int32))
+    prefix_bias = lm.attention_bias(lanes.site_token - 1, cached, jnp.ones((c, width), jnp.int32),
+                                    window=cfg.sliding_window, query_rope_positions=positions,
+                                    key_rope_positions=cached)
     restore = Restoration(slots=lanes.slots, kind=lanes.kind, first=lanes.first, last=lanes.last,
                           source=jnp.maximum(lanes.source, 0), values=table)
-    h = run_layers_restoring(params, cfg, h, jnp.maximum(lanes.token, 0), bias, restore, caches, prefix_bias,
+    h = run_layers_restoring(params, cfg, h, positions, bias, restore, caches, prefix_bias,
                              prefix_rows=lanes.sample, first_layer=lanes.chunk_first)
     out = h[jnp.arange(c)[:, None], jnp.maximum(lanes.readout, 0)]
     return _probability(params, cfg, out, target)
@@ -213,7 +218,8 @@ def _whole_run_restoring(params, cfg, tokens, length, target, noise, table, kind
     s, width, _ = noise.shape
     x = embed(params, tokens)[None] + noise
     slots = jnp.broadcast_to(jnp.arange(width), (s, width))
-    bias = lm.attention_bias(slots, slots, jnp.broadcast_to(jnp.arange(width) < length, (s, width)))
+    bias = lm.attention_bias(slots, slots, jnp.broadcast_to(jnp.arange(width) < length, (s, width)),
+                             window=cfg.sliding_window, query_rope_positions=slots, key_rope_positions=slots)
     one = lambda v: jnp.full((s, 1), v, jnp.int32)
     restore = Restoration(slots=one(token), kind=one(kind), first=one(first), last=one(last),
                           source=jnp.full((s, 1), kind * width + token, jnp.int32), values=table)
