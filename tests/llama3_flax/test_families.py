@@ -189,3 +189,121 @@ def test_window_through_caches_and_prefixes(windowed):
     np.testing.assert_allclose(np.asarray(h[0]), _hidden(cfg, params, [seq])[0][n_prefix:], atol=TOL)
     with pytest.raises(ValueError, match="needs the RoPE positions"):
         lm.attention_bias(own, own, jnp.ones_like(own), window=4)
+
+
+# ------------------------------------------------------------------ configs
+# config.json of released checkpoints, as published on the Hugging Face hub.
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+    "torch_dtype": "float16", "transformers_version": "4.31.0.dev0", "use_cache": True, "vocab_size": 32000,
+}
+TINYLLAMA_CHAT = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+    "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.35.0", "use_cache": True, "vocab_size": 32000,
+}
+QWEN2_5_7B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}
+QWEN2_5_0_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+    "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+MISTRAL_7B_V0_1 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000,
+}
+MISTRAL_7B_INSTRUCT_V0_3 = {**MISTRAL_7B_V0_1, "rope_theta": 1000000.0, "sliding_window": None,
+                            "vocab_size": 32768, "transformers_version": "4.42.0.dev0"}
+
+
+@pytest.mark.parametrize("hf, preset", [(LLAMA2_7B, "llama2-7b"), (TINYLLAMA_CHAT, "tinyllama-1.1b"),
+                                        (QWEN2_5_7B_INSTRUCT, "qwen2.5-7b"), (MISTRAL_7B_V0_1, "mistral-7b")])
+def test_published_configs_read_as_the_presets(hf, preset):
+    cfg = config.LlamaConfig.from_hf(hf)
+    assert cfg == config.PRESETS[preset](dtype="float32")
+    assert cfg.to_hf()["architectures"] == hf["architectures"] and cfg.to_hf()["model_type"] == hf["model_type"]
+
+
+def test_family_details():
+    llama2 = config.LlamaConfig.from_hf(LLAMA2_7B)
+    assert (llama2.rope_theta, llama2.rope_scaling, llama2.num_key_value_heads) == (10000.0, None, 32)  # MHA
+    qwen = config.LlamaConfig.from_hf(QWEN2_5_0_5B)
+    assert qwen.qkv_bias and qwen.tie_word_embeddings and qwen.sliding_window is None and qwen.rope_theta == 1e6
+    assert "lm_head" not in model.param_shapes(qwen) and model.param_shapes(qwen)["layers"]["k_bias"] == (24, 128)
+    # Qwen2 windows the layers from max_window_layers on: none of Qwen2.5-7B's 28, a 64-token one on all
+    unused = config.LlamaConfig.from_hf({**QWEN2_5_7B_INSTRUCT, "use_sliding_window": True})
+    assert unused.sliding_window is None
+    every = {**QWEN2_5_7B_INSTRUCT, "use_sliding_window": True, "max_window_layers": 0, "sliding_window": 64}
+    assert config.LlamaConfig.from_hf(every).sliding_window == 64
+    v03 = config.LlamaConfig.from_hf(MISTRAL_7B_INSTRUCT_V0_3)
+    assert v03.architecture == "mistral" and v03.sliding_window is None and not v03.qkv_bias
+    assert config.PRESETS["llama3.1-8b"]().rope_scaling == config.RopeScaling(8.0, 1.0, 4.0, 8192)
+    # a Llama config prints (and so fingerprints jaxedit's caches) without the family fields
+    assert "architecture" not in repr(llama2) and "architecture='qwen2'" in repr(qwen)
+    assert "sliding_window=4096" in repr(config.mistral_7b())
+
+
+@pytest.mark.parametrize("arch, window", [("qwen2", None), ("qwen2", 8), ("mistral", 8), ("mistral", None)])
+def test_to_hf_round_trips_through_transformers(arch, window):
+    from transformers import AutoConfig
+
+    cfg = config.tiny(architecture=arch, sliding_window=window, tie_word_embeddings=arch == "qwen2",
+                      dtype="bfloat16")
+    hf = cfg.to_hf()
+    assert config.LlamaConfig.from_hf(hf, dtype="bfloat16") == cfg
+    theirs = AutoConfig.for_model(hf.pop("model_type"), **hf)  # what transformers 5 makes of it
+    assert theirs.sliding_window == window
+    assert config.LlamaConfig.from_hf(theirs.to_diff_dict(), dtype="bfloat16") == cfg
+    saved = {k: v for k, v in theirs.to_dict().items() if k not in
+             ("chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type")}
+    assert config.LlamaConfig.from_hf(saved, dtype="bfloat16") == cfg
+
+
+@pytest.mark.parametrize("hf, message", [
+    ({**LLAMA2_7B, "architectures": ["GemmaForCausalLM"]}, r"architecture 'GemmaForCausalLM' is not supported"),
+    ({**LLAMA2_7B, "architectures": None, "model_type": "qwen3"}, r"model_type 'qwen3' is not supported"),
+    ({**MISTRAL_7B_V0_1, "model_type": "llama"}, r"model_type 'llama' and architectures \['MistralForCausalLM'\]"),
+    ({**QWEN2_5_7B_INSTRUCT, "use_mrope": False}, r"unsupported config keys \['use_mrope'\] for model_type 'qwen2'"),
+    ({**QWEN2_5_7B_INSTRUCT, "attention_bias": True}, r"unsupported config keys \['attention_bias'\]"),
+    ({**MISTRAL_7B_V0_1, "max_window_layers": 4}, r"unsupported config keys \['max_window_layers'\] for model_type"),
+    ({**LLAMA2_7B, "sliding_window": 4096}, r"unsupported config keys \['sliding_window'\]"),
+    ({**QWEN2_5_7B_INSTRUCT, "use_sliding_window": True, "max_window_layers": 0, "sliding_window": None},
+     r"use_sliding_window is set but sliding_window is missing"),
+    ({**QWEN2_5_7B_INSTRUCT, "use_sliding_window": True, "max_window_layers": 21},
+     r"sliding-window attention on layers 21..27 only .* is not supported"),
+    ({**QWEN2_5_7B_INSTRUCT, "layer_types": ["full_attention"] * 27 + ["sliding_attention"]},
+     r"layers 27..27 only"),
+    ({**QWEN2_5_7B_INSTRUCT, "layer_types": ["chunked_attention"] * 28}, r"layer_types must list"),
+    ({**MISTRAL_7B_V0_1, "hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+])
+def test_unknown_families_and_keys_are_refused_by_name(hf, message):
+    with pytest.raises(ValueError, match=message):
+        config.LlamaConfig.from_hf(hf)
+
+
+def test_bad_family_fields_are_refused():
+    with pytest.raises(ValueError, match=r"unknown architecture 'gpt2': expected one of \['llama', 'mistral', 'qwen2'\]"):
+        config.tiny(architecture="gpt2")
+    with pytest.raises(ValueError, match="sliding_window is not part of the llama architecture"):
+        config.tiny(sliding_window=8)
+    with pytest.raises(ValueError, match="sliding_window must be a positive number of tokens, got 0"):
+        config.tiny(architecture="mistral", sliding_window=0)
