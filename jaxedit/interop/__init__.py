@@ -1,2 +1,2 @@
-"""Bridges to the PyTorch editing tools: their hparams files (hparams_files) and the checkpoints they
-edited (checkpoints)."""
+"""Bridges to the PyTorch editing tools: their hparams files (hparams_files), the checkpoints they
+edited (checkpoints), and EasyEdit's editor API in front of jaxedit (easyedit)."""
