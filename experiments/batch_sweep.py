@@ -41,7 +41,7 @@ def main(argv):
     from jaxedit.editing import editor
     from jaxedit.eval import metrics
 
-    plan = sweep_plan.plan_batch_size_sweep(FLAGS, cell_key, "batch sweep")
+    plan = sweep_plan.plan_batch_size_sweep(FLAGS, cell_key, "batch sweep", cost=lambda batch_size: batch_size)
     cfg, params, tok, hps, layer, log, todo = (plan.cfg, plan.params, plan.tok, plan.hps, plan.layer, plan.log,
                                                plan.todo)
     if not todo:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from experiments import program
 from experiments import records
 from experiments import results_log
+from experiments import sweep_plan
 from experiments import value_cache
 from experiments import world
 
@@ -92,14 +93,18 @@ def main(argv):
     from jaxedit.editing import pm
 
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
-    program.init_jax()
+    program.init_jax(cells_per_process=True)
     cfg, params, tok = world.load_model(FLAGS.model, FLAGS.mesh)
     layers = (list(range(cfg.num_hidden_layers)) if FLAGS.layers == "all" else program.parse_int_list(FLAGS.layers))
     n_of = {m: (FLAGS.n_rome if (m == "rome" and FLAGS.n_rome) else FLAGS.n) for m in methods}
-    log = results_log.open_log(FLAGS.out)
-    todo = [(m, l) for l in layers for m in methods if not log.is_finished(cell_key(m, l, n_of[m]))]
+    log = results_log.open_log(FLAGS.out, program.process_share())
+    # With --cell_parallelism=per_process, a process runs whole layers (C0 and its factor are per
+    # layer); a cell's work is mostly its value loop, which runs the layers from the edited one on.
+    mine = sweep_plan.cells_of_this_process([(m, l) for l in layers for m in methods], group=lambda c: c[1],
+                                            cost=lambda c: n_of[c[0]] * (cfg.num_hidden_layers - c[1]))
+    todo = [(m, l) for m, l in mine if not log.is_finished(cell_key(m, l, n_of[m]))]
     logging.info("layer sweep: %d cells, %d already done, %d to run -> %s",
-                 len(layers) * len(methods), len(layers) * len(methods) - len(todo), len(todo), FLAGS.out)
+                 len(mine), len(mine) - len(todo), len(todo), FLAGS.out)
     if not todo:
         return
     # One seeded selection of max(--n, --n_rome) cases whatever --methods is; a cell of n edits uses its

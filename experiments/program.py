@@ -2,6 +2,7 @@
 cache, and list-valued flag parsing."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Sequence
 
@@ -35,26 +36,54 @@ def define_common_flags(default_out: str):
     flags.DEFINE_float("test_pause_after_cell", 0.0, "testing hook: sleep this long after each finished "
                        "cell (lets a test kill a tiny run mid-way)")
     flags.DEFINE_string("mesh", None, "DATAxMODEL (e.g. 2x4): lay the params out on a device mesh over all "
-                        "processes' devices (llama3_flax.sharding); default: one device")
+                        "processes' devices (llama3_flax.sharding), or over this process's own devices with "
+                        "--cell_parallelism=per_process; default: one device")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes "
                         "(jax.distributed; every process runs the same command with its own --process_id)")
-    flags.DEFINE_integer("num_processes", 1, "processes of one run (each finished cell is written once, by "
-                         "process 0)")
+    flags.DEFINE_integer("num_processes", 1, "processes of one run (each finished cell is written once: by "
+                         "process 0 on a global mesh, by the process that ran it with --cell_parallelism=per_process)")
     flags.DEFINE_integer("process_id", 0, "this process's index, 0..num_processes-1")
+    flags.DEFINE_enum("cell_parallelism", "global_mesh", ["global_mesh", "per_process"],
+                      "with several processes: 'global_mesh' runs every cell on one mesh over all processes' "
+                      "devices (jax.distributed; for a model that does not fit one host); 'per_process' gives "
+                      "each process its own fixed share of the cells, run on its own devices (--mesh over "
+                      "them), with no coordinator: a process that dies leaves only its unfinished cells to a "
+                      "rerun of the same commands (the layer, batch and sequential sweeps)")
     flags.DEFINE_integer("heartbeat_timeout", 60, "seconds after which the processes of a run give up on one "
                          "that stopped answering (it died), with an error naming it")
     flags.DEFINE_boolean("value_cache", True, "keep target values on disk per (model, layer, hparams, "
                          "templates) and request content, so sweeps sharing the unedited model reuse them")
 
 
-def init_jax(jit_cache: str | None = None):
-    """Joins the other processes of the run (--num_processes > 1: jax.distributed) and turns on JAX's
-    persistent compilation cache (restarts skip recompiling); --jit_cache=off disables it."""
+def init_jax(jit_cache: str | None = None, cells_per_process: bool = False):
+    """Joins the other processes of the run (--num_processes > 1 on a global mesh: jax.distributed)
+    and turns on JAX's persistent compilation cache (restarts skip recompiling); --jit_cache=off
+    disables it. With --cell_parallelism=per_process the processes never talk to each other (each
+    sees only its own devices); programs that can split their cells say so with cells_per_process."""
     from jaxedit import distributed
 
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    if FLAGS.cell_parallelism == "per_process":
+        if not cells_per_process:
+            raise ValueError("--cell_parallelism=per_process: this program runs on one global mesh only; the "
+                             "layer, batch and sequential sweeps split their cells between processes")
+        process_share()  # checks --process_id and --num_processes
+        if FLAGS.coordinator_address:
+            logging.info("--cell_parallelism=per_process: --coordinator_address is not used (no coordinator)")
+    else:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
     compilation_cache.enable(FLAGS.jit_cache if jit_cache is None else jit_cache)
+
+
+def process_share() -> tuple[int, int] | None:
+    """(process_id, num_processes) when each process runs its own share of the cells
+    (--cell_parallelism=per_process); None when every process runs every cell (one global mesh)."""
+    if FLAGS.cell_parallelism != "per_process":
+        return None
+    if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise ValueError(f"--process_id={FLAGS.process_id} must be in 0..{FLAGS.num_processes - 1} "
+                         f"(--num_processes={FLAGS.num_processes})")
+    return FLAGS.process_id, FLAGS.num_processes
 
 
 def parse_mesh(text: str | None) -> tuple[int, int] | None:

@@ -11,7 +11,12 @@ can tell a finished cell (a record with "type": "cell") from the left-overs of a
 
 One writer per file: a program's ResultsLog holds an exclusive flock on the sibling `<out>.lock`
 (which names the holder's pid) for the rest of the process, and a second program started on the same
-file stops at once with ResultsFileInUse. It is refused rather than made to wait, since a second run
+file stops at once with ResultsFileInUse. The one exception is a run whose processes each run their
+own share of the cells (--cell_parallelism=per_process; `share=` below): each of its processes is a
+writer. They hold `<out>.lock` shared (so a one-writer program on the file is refused, and they are
+refused while one runs), each holds `<out>.lock.process<i>` exclusively (process i started twice is
+refused), and every append takes an exclusive flock on the results file itself, rereads it and
+skips a "cell" record whose cell another writer has already recorded, so a cell is written once. It is refused rather than made to wait, since a second run
 on one file is almost always the same command started twice or two sweeps given one --out by mistake;
 waiting would hide that and, for two different sweeps, serialise hours of work without a word. The
 kernel releases the lock when the process ends, however it ends.
@@ -38,13 +43,14 @@ import numpy as np
 from experiments.program import FLAGS
 
 
-def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, repair: bool = False, warn: bool = True) -> list[dict]:
     """Complete records of a JSONL file.
 
     A last line without its trailing newline is a torn write: it is ignored (and, with repair=True,
     cut off the file so that later appends start on a fresh line). A complete line that is not a JSON
     object is reported with its line number and left out (and, with repair=True, moved to
-    `<path>.rejected`, the file rewritten without it). Only the file's one writer may repair it.
+    `<path>.rejected`, the file rewritten without it). Only a writer that no other writer runs beside
+    (or that holds the file's append lock: see _locked_append) may repair it. warn=False reads quietly.
     """
     path = Path(path)
     if not path.exists():
@@ -52,7 +58,7 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
     torn = end < len(data)
-    if torn:
+    if torn and warn:
         logging.warning("%s: dropping a truncated last line (%d bytes)", path, len(data) - end)
     records, kept, rejected = [], [], []
     for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
@@ -71,8 +77,9 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
             kept.append(line)
             continue
         rejected.append(line)
-        logging.warning("%s:%d: malformed line (%s)%s: %.200r", path, n, why,
-                        f", moved to {_rejected_path(path)}" if repair else ", skipped", line)
+        if warn or repair:
+            logging.warning("%s:%d: malformed line (%s)%s: %.200r", path, n, why,
+                            f", moved to {_rejected_path(path)}" if repair else ", skipped", line)
     if repair and rejected:
         _move_aside(path, kept, rejected)
     elif repair and torn:
@@ -145,6 +152,74 @@ def _lock_for_writing(path: Path) -> None:
     _HELD_LOCKS[key] = fd
 
 
+def _lock_as_one_of_several(path: Path, process_id: int) -> None:
+    """Joins the writers of a run whose processes each append their own cells (see the module
+    docstring): <path>.lock shared, <path>.lock.process<i> exclusive; ResultsFileInUse when a
+    one-writer program holds the file or process i of this run is already running."""
+    lock_path = path.with_name(path.name + ".lock")
+    member_path = path.with_name(f"{path.name}.lock.process{process_id}")
+    if os.path.realpath(member_path) in _HELD_LOCKS:
+        return
+    fds = []
+    try:
+        for p, how, who in ((lock_path, fcntl.LOCK_SH, "a program that is its only writer"),
+                            (member_path, fcntl.LOCK_EX, f"process {process_id} of another run of this sweep")):
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, how | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise ResultsFileInUse(
+                    f"results file {path} is being written by {who} (pid {holder}; lock {p}). Wait for it to "
+                    "finish or stop it, or give this run another --out.") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for fd in fds:  # who holds them, for the refusal messages (a hint: several writers share <path>.lock)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}, a writer of a per-process run\n".encode(), 0)
+    _HELD_LOCKS[os.path.realpath(lock_path) + " shared"] = fds[0]
+    _HELD_LOCKS[os.path.realpath(member_path)] = fds[1]
+
+
+def _locked_append(path: Path, line: bytes | None, skip_if_finished: Mapping | None = None,
+                   repair: bool = False) -> tuple[list[dict], bool]:
+    """Under an exclusive flock on the results file itself (the writers of a per-process run take
+    turns here): optionally repairs the file (read_jsonl(repair=True)), rereads every writer's records,
+    and appends `line` unless skip_if_finished names a cell that already has a "cell" record.
+    Returns (the records before the append, whether it appended).
+
+    The lock belongs to the file's inode; a repair that moves malformed lines aside replaces the file
+    (a new inode), so a writer that finds the path no longer on its locked inode opens it again. A
+    writer killed mid-write leaves a line without its newline; the next append ends that fragment with
+    a newline first (a malformed line, skipped by readers and moved aside by the next repair)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                continue  # replaced by a repair while this writer waited
+            records = read_jsonl(path, repair=repair, warn=repair)
+            if line is None:
+                return records, False
+            if skip_if_finished is not None and key_id(skip_if_finished) in _finished(records):
+                return records, False
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+            return records, True
+        finally:
+            os.close(fd)
+
+
+def _finished(records: Iterable[Mapping]) -> set[str]:
+    return {key_id(r["key"]) for r in records if r.get("type") == "cell" and "key" in r}
+
+
 def key_id(key: Mapping) -> str:
     """Canonical string of a cell key (for set membership)."""
     return json.dumps(key, sort_keys=True, default=str)
@@ -155,11 +230,22 @@ class ResultsLog:
 
     Raises ResultsFileInUse when another process holds the file. With write=False (the other
     processes of a jax.distributed run: see `open_log`) it reads the file and keeps appended records
-    in memory only, so every process knows which cells are finished and each cell is written once."""
+    in memory only, so every process knows which cells are finished and each cell is written once.
+    With share=(process_id, num_processes) it is one of the writers of a run whose processes each run
+    their own cells: appends take turns on the file and a cell already recorded by another writer is
+    not written again (append returns None then)."""
 
-    def __init__(self, path: str | os.PathLike, write: bool = True):
+    def __init__(self, path: str | os.PathLike, write: bool = True, share: tuple[int, int] | None = None):
         self.path = Path(path)
         self.write = write
+        self.share = share
+        if share is not None:
+            if not write:
+                raise ValueError("a ResultsLog with share= is one of its run's writers: write must be True")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _lock_as_one_of_several(self.path, share[0])
+            self.records = _locked_append(self.path, None, repair=True)[0]
+            return
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _lock_for_writing(self.path)  # before the repair: it may rewrite the file
@@ -167,15 +253,22 @@ class ResultsLog:
 
     def finished(self) -> set[str]:
         """key_id of every cell with a final ("type": "cell") record."""
-        return {key_id(r["key"]) for r in self.records if r.get("type") == "cell" and "key" in r}
+        return _finished(self.records)
 
     def is_finished(self, key: Mapping) -> bool:
         return key_id(key) in self.finished()
 
-    def append(self, record: Mapping) -> dict:
+    def append(self, record: Mapping) -> dict | None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
         line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
-        if self.write:
+        if self.share is not None:
+            is_cell = record.get("type") == "cell" and "key" in record
+            self.records, written = _locked_append(self.path, line, record["key"] if is_cell else None)
+            if not written:
+                logging.warning("%s: cell %s was already recorded by another writer; not written again",
+                                self.path, key_id(record["key"]))
+                return None
+        elif self.write:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, line)
@@ -188,11 +281,14 @@ class ResultsLog:
         return record
 
 
-def open_log(path: str | os.PathLike) -> ResultsLog:
+def open_log(path: str | os.PathLike, share: tuple[int, int] | None = None) -> ResultsLog:
     """The program's results log: process 0 of a jax.distributed run (or the only process) writes
-    it; the others read it once process 0 has locked and repaired it, and never write."""
+    it; the others read it once process 0 has locked and repaired it, and never write. With
+    share=(process_id, num_processes) (each process runs its own cells) every process writes it."""
     from jaxedit import distributed
 
+    if share is not None:
+        return ResultsLog(path, share=share)
     log = ResultsLog(path) if distributed.is_writer() else None
     distributed.agree(f"results file {path} open")
     return log if log is not None else ResultsLog(path, write=False)

@@ -1,9 +1,15 @@
-"""The resumable JSONL log: torn last lines, repair before appending, latest complete attempts."""
+"""The resumable JSONL log: torn last lines, repair before appending, latest complete attempts, the
+one-writer lock, and the several writers of a per-process run."""
 import json
+from pathlib import Path
+
+import pytest
 
 from experiments import records
 from experiments import results_log
 from jaxedit import testing
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(path, records, tail=b""):
@@ -118,3 +124,67 @@ def test_a_second_process_is_refused_while_the_first_holds_the_file(tmp_path):
         holder.wait()
     results_log.ResultsLog(p).append({"type": "cell", "key": {"x": 1}})  # a killed holder lets go
     assert [r["key"] for r in results_log.read_jsonl(p)] == [{"x": 1}]
+
+
+def test_writers_of_a_per_process_run_append_each_cell_once(tmp_path):
+    p = tmp_path / "r.jsonl"
+    _write(p, [{"type": "cell", "key": {"x": 0}}], tail=b'{"type": "cell", "key": {"x"')  # a torn write
+    first = results_log.ResultsLog(p, share=(0, 2))  # the file's first writer repairs it
+    assert p.read_bytes() == b'{"type": "cell", "key": {"x": 0}}\n'
+    second = results_log.ResultsLog(p, share=(1, 2))
+    assert first.append({"type": "cell", "key": {"x": 1}}) is not None
+    assert second.append({"type": "batch", "key": {"x": 2}, "batch_index": 0}) is not None
+    assert second.append({"type": "cell", "key": {"x": 1}}) is None  # recorded by the other writer
+    assert second.is_finished({"x": 1})  # and now known to this one
+    with open(p, "ab") as f:  # a writer killed in the middle of its line
+        f.write(b'{"type": "cell", "key": {"x": 3')
+    assert second.append({"type": "cell", "key": {"x": 2}}) is not None
+    recs = results_log.read_jsonl(p)
+    assert [r["key"]["x"] for r in recs if r["type"] == "cell"] == [0, 1, 2]
+    assert p.read_bytes().split(b"\n")[-3] == b'{"type": "cell", "key": {"x": 3'  # ended, kept apart
+    with pytest.raises(results_log.ResultsFileInUse, match="a writer of a per-process run"):
+        results_log.ResultsLog(p)  # a one-writer program while the run's writers hold the file
+    with pytest.raises(ValueError, match="write must be True"):
+        results_log.ResultsLog(tmp_path / "x.jsonl", write=False, share=(0, 1))
+
+
+def test_a_one_writer_program_keeps_out_the_writers_of_a_per_process_run(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "r.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from experiments import results_log; "
+         f"results_log.ResultsLog({str(p)!r}); print('holding', flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(results_log.ResultsFileInUse, match="only writer"):
+            results_log.ResultsLog(p, share=(0, 2))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+_APPENDER = """
+import sys
+from experiments import results_log
+log = results_log.ResultsLog(sys.argv[1], share=(int(sys.argv[2]), 2))
+for x in range(30):
+    log.append({"type": "batch", "key": {"x": x}, "by": sys.argv[2], "pad": "." * 500})
+    log.append({"type": "cell", "key": {"x": x}, "by": sys.argv[2], "pad": "." * 500})
+"""
+
+
+def test_two_writers_appending_at_once_neither_corrupt_nor_duplicate(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "r.jsonl"
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(p), str(i)], cwd=ROOT) for i in (0, 1)]
+    assert [q.wait(timeout=120) for q in procs] == [0, 0]
+    lines = p.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])  # every line a whole record
+    recs = results_log.read_jsonl(p)
+    assert sorted(r["key"]["x"] for r in recs if r["type"] == "cell") == list(range(30))  # each cell once
+    assert len([r for r in recs if r["type"] == "batch"]) == 60
