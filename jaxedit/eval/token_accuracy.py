@@ -7,7 +7,8 @@ predicted so; its locality compares the predicted tokens themselves before and a
 CounterFact's metrics (jaxedit.eval.metrics) instead compare the probabilities of two targets.
 
 Pairs are tokenised as jaxedit.eval.scoring tokenises them (prompt with BOS, target with a leading
-space and no BOS).
+space and no BOS). EasyEdit tokenises prompt + " " + target as one text; with byte-level BPE
+tokenizers the ids agree, as a word after a space never merges with the text before it.
 """
 from __future__ import annotations
 
