@@ -36,6 +36,9 @@ class ValueHparams:
 
     v_loss_layer: layer whose output feeds the NLL (-1: the last layer; only the last layer is
       supported, as in the paper's Llama-3 runs).
+    most_probable_stop: ENCORE's most-probable early stopping: a request stops as soon as every token
+      of its target is the most probable one (teacher forced) on all its rewriting prompts, instead
+      of driving the target's probability towards 1 (early_stop_loss still applies).
     """
 
     v_num_grad_steps: int = 25
@@ -45,9 +48,12 @@ class ValueHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    most_probable_stop: bool = False
 
     def __post_init__(self):
         _whole("ValueHparams", "v_num_grad_steps", self.v_num_grad_steps, 1)
+        if not isinstance(self.most_probable_stop, bool):
+            raise ValueError(f"ValueHparams.most_probable_stop must be True or False, got {self.most_probable_stop!r}")
         if isinstance(self.v_loss_layer, bool) or not isinstance(self.v_loss_layer, int):
             raise ValueError(f"ValueHparams.v_loss_layer must be an integer layer index, got {self.v_loss_layer!r}")
         for name in ("v_lr", "clamp_norm_factor"):

@@ -256,8 +256,10 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
                token of "{subject} is a" (where the reference implementations read it)
              + v_weight_decay * ||delta_r|| / ||init_r||^2,
     Adam(v_lr) for at most v_num_grad_steps evaluations, delta_r clamped to clamp_norm_factor *
-    ||init_r||, request r frozen once loss_r < early_stop_loss. The requests' losses are independent
-    and Adam is elementwise, so optimising them jointly equals optimising each alone.
+    ||init_r||, request r frozen once loss_r < early_stop_loss, or (hp.most_probable_stop, ENCORE's
+    most-probable early stopping) once every token of target_new is the most probable token, teacher
+    forced, on every one of r's rewriting prompts. The requests' losses are independent and Adam is
+    elementwise, so optimising them jointly equals optimising each alone.
 
     Prefix caching: nothing before the subject's last token depends on delta (causal attention), and
     no layer up to `layer` does. So one pass fills a key/value cache, and each step runs only the
@@ -321,12 +323,15 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
         lp, kl_lp = lp[:m], lp[m:]
         tok_lp = jnp.take_along_axis(lp, batch.target_ids[:, None], axis=-1)[:, 0]
         nll = jax.ops.segment_sum(-tok_lp * batch.target_w, batch.target_req, num_segments=n)
+        # ENCORE's most-probable criterion: every target token is the top token on every prompt
+        top = (jnp.argmax(lp, axis=-1) == batch.target_ids) | (batch.target_w == 0)  # padding slots agree
+        most_probable = jax.ops.segment_min(top.astype(jnp.int32), batch.target_req, num_segments=n) > 0
         # The first evaluation is at delta = 0: its own distribution is the reference (KL and its
         # gradient are 0 there either way), which saves a separate reference pass.
         ref_kl = jnp.where(first, jax.lax.stop_gradient(kl_lp), ref_kl)
         kl = jnp.sum(jnp.exp(kl_lp) * (kl_lp - ref_kl), axis=-1)
         per_request = nll + hp.kl_factor * kl + hp.v_weight_decay * _safe_norm(delta) / init_norm ** 2
-        return jnp.sum(per_request), (per_request, nll, kl_lp)
+        return jnp.sum(per_request), (per_request, nll, kl_lp, most_probable)
 
     zeros = jnp.zeros_like(init)
     opt = optax.adam(hp.v_lr)
@@ -338,11 +343,13 @@ def optimise_values(params, cfg, batch: ValueBatch, layer, hp: ValueHparams, sit
 
     def body(state):
         it, delta, opt_state, done, loss, nll, steps, ref_kl = state
-        (_, (per_request, per_nll, kl_lp)), grad = jax.value_and_grad(losses, has_aux=True)(delta, ref_kl, it == 0)
+        (_, (per_request, per_nll, kl_lp, most_probable)), grad = jax.value_and_grad(losses, has_aux=True)(
+            delta, ref_kl, it == 0)
         ref_kl = jax.lax.stop_gradient(jnp.where(it == 0, kl_lp, ref_kl))
         loss = jnp.where(done, loss, per_request)
         nll = jnp.where(done, nll, per_nll)
-        done = done | (per_request < hp.early_stop_loss) | (it == hp.v_num_grad_steps - 1)
+        done = (done | (per_request < hp.early_stop_loss) | (it == hp.v_num_grad_steps - 1)
+                | (hp.most_probable_stop & most_probable))
         updates, new_state = opt.update(grad, opt_state, delta)
         stepped = delta + updates
         norm = jnp.linalg.norm(stepped, axis=-1)

@@ -1,4 +1,6 @@
 """The batched, prefix-cached value optimisation against a naive per-request full-sequence loop."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +20,12 @@ REQUESTS = [
 ]
 
 
-def naive_values(params, cfg, tok, request, layer, hp, site):
-    """One request, full sequences, injection through llama3_flax.model.Injection, plain Python loop."""
+def naive_values(params, cfg, tok, request, layer, hp, site, templates=TEMPLATES):
+    """One request, full sequences, injection through llama3_flax.model.Injection, plain Python loop.
+    Returns (init, delta, loss, the number of Adam steps taken)."""
     target = tok(" " + request.target_new, add_special_tokens=False)["input_ids"]
     rows, lookups, starts = [], [], []
-    for t in TEMPLATES + ("{} is a",):
+    for t in tuple(templates) + ("{} is a",):
         text = t.replace("{}", request.prompt if t != "{} is a" else "{}").replace("{}", request.subject)
         prefix = text[: text.index(request.subject)]
         prompt = tok(text)["input_ids"]
@@ -35,7 +38,7 @@ def naive_values(params, cfg, tok, request, layer, hp, site):
     lookup = jnp.asarray(lookups)[:, None]
     _, cap = forward(params, cfg, tokens, mask, capture=Capture(jnp.asarray([layer]), lookup))
     init = (cap.mlp_out if site == "mlp" else cap.resid_out)[0, 0, 0]
-    n_rw = len(TEMPLATES)
+    n_rw = len(templates)
 
     def loss_fn(delta, ref_kl):
         inj = Injection(layer=jnp.int32(layer), positions=lookup, delta=jnp.broadcast_to(delta, (len(rows), 1, delta.shape[0])))
@@ -46,23 +49,27 @@ def naive_values(params, cfg, tok, request, layer, hp, site):
         nll = nll / n_rw
         kl_lp = logp[n_rw, lookups[n_rw]]
         kl = jnp.sum(jnp.exp(kl_lp) * (kl_lp - ref_kl))
-        return nll + hp.kl_factor * kl + hp.v_weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / jnp.sum(init ** 2), kl_lp
+        # most probable: each target token is the argmax at its position on every rewriting prompt
+        top = jnp.all(jnp.asarray([jnp.argmax(logp[r, starts[r] + j]) == target[j]
+                                   for r in range(n_rw) for j in range(len(target))]))
+        return (nll + hp.kl_factor * kl + hp.v_weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / jnp.sum(init ** 2),
+                (kl_lp, top))
 
     delta = jnp.zeros_like(init)
-    _, ref_kl = jax.jit(loss_fn)(delta, jnp.zeros(cfg.vocab_size))
+    _, (ref_kl, _) = jax.jit(loss_fn)(delta, jnp.zeros(cfg.vocab_size))
     opt = optax.adam(hp.v_lr)
     state = opt.init(delta)
     loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     for it in range(hp.v_num_grad_steps):
-        (loss, _), grad = loss_and_grad(delta, ref_kl)
-        if loss < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+        (loss, (_, top)), grad = loss_and_grad(delta, ref_kl)
+        if loss < hp.early_stop_loss or it == hp.v_num_grad_steps - 1 or (hp.most_probable_stop and top):
             break
         upd, state = opt.update(grad, state, delta)
         delta = delta + upd
         max_norm = hp.clamp_norm_factor * jnp.linalg.norm(init)
         if jnp.linalg.norm(delta) > max_norm:
             delta = delta * max_norm / jnp.linalg.norm(delta)
-    return np.asarray(init), np.asarray(delta), float(loss)
+    return np.asarray(init), np.asarray(delta), float(loss), it
 
 
 @pytest.mark.parametrize("site,layer", [("resid", 1), ("mlp", 0)])
@@ -71,12 +78,42 @@ def test_batched_prefix_cached_values_equal_naive_loop(tiny_with_tokenizer, site
     hp = ValueHparams(v_num_grad_steps=6, v_lr=0.5, clamp_norm_factor=0.75)
     vals = compute_values(params, cfg, tok, REQUESTS, TEMPLATES, layer, hp, site=site)
     for i, r in enumerate(REQUESTS):
-        init, delta, loss = naive_values(params, cfg, tok, r, layer, hp, site)
+        init, delta, loss, _ = naive_values(params, cfg, tok, r, layer, hp, site)
         np.testing.assert_allclose(np.asarray(vals.init[i]), init, rtol=1e-5, atol=1e-6)
         err = np.linalg.norm(np.asarray(vals.delta[i]) - delta) / np.linalg.norm(delta)
         assert err < 1e-4, (i, err)
         assert abs(float(vals.loss[i]) - loss) < 1e-4 * max(1.0, abs(loss))
         np.testing.assert_allclose(np.asarray(vals.target[i]), np.asarray(vals.init[i] + vals.delta[i]), rtol=1e-6)
+
+
+def test_most_probable_early_stopping_stops_where_a_naive_loop_first_sees_it():
+    """ENCORE's criterion: each request stops at the first step at which its target is the top token
+    on all its prompts, as a per-request loop checking argmax after every step finds. The targets are
+    the model's most likely and second most likely next words: one stops at once, one later."""
+    from jaxedit import testing
+
+    cfg, params, tok = testing.tiny_model(num_hidden_layers=3, vocab_size=256, std=0.3)
+    for w in (f"w{i}x{j}" for i in range(40) for j in range(60)):  # names for (nearly) every token id
+        tok(w)
+    requests = []
+    for rank, r in zip((0, 1), REQUESTS):
+        logits = np.asarray(forward(params, cfg, jnp.asarray([tok(r.prompt.format(r.subject))["input_ids"]]))[0, -1])
+        tid = [i for i in np.argsort(-logits) if i >= 3 and i in tok.words][rank]
+        requests.append(EditRequest(r.prompt, r.subject, tok.words[tid], case_id=r.case_id))
+    hp = ValueHparams(v_num_grad_steps=8, v_lr=2.0, early_stop_loss=0.0, most_probable_stop=True)
+    vals = compute_values(params, cfg, tok, requests, ("{}",), 1, hp)
+    steps = []
+    for i, r in enumerate(requests):
+        _, delta, _, it = naive_values(params, cfg, tok, r, 1, hp, "resid", templates=("{}",))
+        steps.append(it)
+        assert int(vals.steps[i]) == it, (i, int(vals.steps[i]), it)
+        if it:  # the same steps: the same delta, to float32 summation order
+            assert np.linalg.norm(np.asarray(vals.delta[i]) - delta) / np.linalg.norm(delta) < 1e-4
+        else:
+            assert not np.any(np.asarray(vals.delta[i]))
+    assert steps[0] == 0 and 0 < min(steps[1:]) and max(steps) < hp.v_num_grad_steps - 1, steps
+    plain = compute_values(params, cfg, tok, requests, ("{}",), 1, dataclasses.replace(hp, most_probable_stop=False))
+    assert np.all(np.asarray(plain.steps) == hp.v_num_grad_steps - 1)
 
 
 def test_clamp_and_steps(tiny_with_tokenizer):
