@@ -36,9 +36,10 @@ def _stored_row(path: Path, width: int) -> tuple[dict | None, str]:
     file, a missing field, or a value of another width than the model's (made by another model)."""
     try:
         with np.load(path) as z:
+            missing = [f for f in _VALUE_FIELDS if f not in z.files]
+            if missing:
+                return None, f"without the field(s) {missing}"
             row = {f: np.array(z[f]) for f in _VALUE_FIELDS}
-    except KeyError as e:
-        return None, f"without the field {e}"
     except Exception as e:  # noqa: BLE001  (a torn or foreign file: numpy and zipfile raise many kinds)
         return None, f"unreadable ({type(e).__name__})"
     for f in _VALUE_FIELDS:

@@ -2,7 +2,6 @@
 positions, a C0 far from symmetric, and a template cache file with an empty group."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +16,14 @@ GROUPS = (("{}",), ("Once upon a time. {}", "Because of that, {}"))
 REQUEST = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", case_id=0)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny model (MLP width 96) and a well-conditioned SPD stand-in for its C0."""
+    cfg, params, tok = testing.tiny_model(num_hidden_layers=2)
+    a = np.random.default_rng(0).standard_normal((cfg.intermediate_size, 4 * cfg.intermediate_size))
+    return cfg, params, tok, a @ a.T / a.shape[1] + 0.1 * np.eye(cfg.intermediate_size)
+
+
 @pytest.fixture
 def no_value_loop(monkeypatch):
     def refuse(*a, **k):
@@ -24,18 +31,16 @@ def no_value_loop(monkeypatch):
     monkeypatch.setattr(editor, "compute_values", refuse)
 
 
-def test_covariance_samples_longer_than_the_positions_are_refused(corpus_file):
-    cfg, params, tok = testing.tiny_model(num_hidden_layers=2)  # max_position_embeddings 256
+def test_covariance_samples_longer_than_the_positions_are_refused(tiny, corpus_file):
+    cfg, params, tok, _ = tiny  # max_position_embeddings 256
     spec = CovarianceHparams(corpus=str(corpus_file), n_samples=4, max_length=512, batch_size=2)
     with pytest.raises(ValueError, match=r"max_length 512 .* max_position_embeddings \(256\)"):
         covariance.preservation_covariance(params, cfg, tok, [0], spec, progress=False)
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
-def test_a_covariance_far_from_symmetric_is_refused_before_the_values(tiny_with_tokenizer, tiny_covariance,
-                                                                      no_value_loop, method):
-    cfg, params, tok = tiny_with_tokenizer
-    c = np.asarray(tiny_covariance, np.float64)
+def test_a_covariance_far_from_symmetric_is_refused_before_the_values(tiny, no_value_loop, method):
+    cfg, params, tok, c = tiny
     skew = np.triu(np.full_like(c, 0.18 * np.abs(c).max()), 1)
     lopsided = jnp.asarray(c + skew, jnp.float32)  # max |C - C^T| / max |C| = 0.18, as in the issue
     hp = EditHparams(method=method, layers=(1,), value=ValueHparams(v_num_grad_steps=2))
@@ -43,27 +48,24 @@ def test_a_covariance_far_from_symmetric_is_refused_before_the_values(tiny_with_
         editor.edit(params, cfg, tok, [REQUEST], hp, covariances={1: lopsided}, templates=GROUPS)
 
 
-def test_a_covariance_symmetric_to_rounding_is_accepted(tiny_with_tokenizer, tiny_covariance):
+def test_a_covariance_symmetric_to_rounding_is_accepted(tiny):
     from jaxedit.editing import preflight
 
-    cfg = tiny_with_tokenizer[0]
-    c = np.asarray(tiny_covariance, np.float64)
+    cfg, _, _, c = tiny
     noise = 1e-7 * np.abs(c).max() * np.random.default_rng(0).standard_normal(c.shape)
     factors, _ = preflight.preservation_factors({1: jnp.asarray(c + noise, jnp.float32)}, [1], cfg.intermediate_size)
     assert bool(factors[1].factored)
 
 
-@pytest.mark.parametrize("damage", ["empty group", "wrong group count", "wrong group size"])
-def test_a_template_cache_file_with_a_bad_group_is_regenerated(tmp_path, caplog, damage):
-    cfg, params, tok = testing.tiny_model(num_hidden_layers=2)
+def test_a_template_cache_file_with_a_bad_group_is_regenerated(tiny, tmp_path, caplog):
+    cfg, params, tok, _ = tiny
     spec = TemplateHparams(groups=((3, 5),))
     good = templates.context_templates(params, cfg, tok, spec, cache_dir=tmp_path)
     (path,) = (tmp_path / "templates").glob("*.json")
     assert path.name.startswith(model_fingerprint(params, cfg))
     groups = [list(g) for g in good]
-    groups = {"empty group": groups + [[]], "wrong group count": groups[:1],
-              "wrong group size": [groups[0], groups[1][:2]]}[damage]
-    path.write_text(json.dumps(groups))
-    again = templates.context_templates(params, cfg, tok, spec, cache_dir=tmp_path)
-    assert again == good
-    assert "context template cache" in caplog.text and str(path) in caplog.text
+    for damage in (groups + [[]], groups[:1], [groups[0], groups[1][:2]]):  # an empty group, too few, too small
+        caplog.clear()
+        path.write_text(json.dumps(damage))
+        assert templates.context_templates(params, cfg, tok, spec, cache_dir=tmp_path) == good
+        assert "context template cache" in caplog.text and str(path) in caplog.text
