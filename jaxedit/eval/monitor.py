@@ -58,7 +58,8 @@ class MonitorSpec:
 @dataclasses.dataclass(frozen=True)
 class CollapseRule:
     """A model has collapsed when its held-out perplexity exceeds `perplexity_ratio` x the unedited
-    one, or its mean general accuracy falls to within `accuracy_over_chance` of chance (points).
+    one, or its mean general accuracy falls to within `accuracy_over_chance` of chance (points) from
+    above it (a model that is at chance unedited cannot fall there: that test then says nothing).
     Either test is off when its threshold is None."""
 
     perplexity_ratio: float | None = 2.0
@@ -70,7 +71,7 @@ class CollapseRule:
                     f"{unedited['perplexity']:.4g}")
         if self.accuracy_over_chance is not None and now.get("general_accuracy") is not None:
             limit = now["general_chance"] + self.accuracy_over_chance
-            if now["general_accuracy"] <= limit:
+            if now["general_accuracy"] <= limit < unedited["general_accuracy"]:
                 return (f"collapse: mean general accuracy {now['general_accuracy']:.1f} <= chance "
                         f"{now['general_chance']:.1f} + {self.accuracy_over_chance:g}")
         return None
@@ -108,9 +109,12 @@ class Monitor:
             str(l): float(np.linalg.norm(np.asarray(params["layers"]["down_proj"][l], np.float64) - w0)
                           / np.linalg.norm(w0)) for l, w0 in self.original.items()}
         if cases_so_far:
-            agg = evaluate(params, self.cfg, self.tokenizer, cases_so_far, progress=self.progress).aggregate
+            res = evaluate(params, self.cfg, self.tokenizer, cases_so_far, progress=self.progress)
+            agg = res.aggregate
             record["retention"] = {"n_cases": agg.n_cases, "es": agg.es, "em": agg.em, "ps": agg.ps, "ns": agg.ns,
                                    "s": agg.s}
+            # per case, for intervals over cases (experiments.lifelong_summary)
+            record["retention_cases"] = {k: [getattr(c, k) for c in res.cases] for k in ("es", "em", "ps", "ns")}
         return _finite_or_none(record)
 
 
@@ -119,6 +123,8 @@ def _finite_or_none(record: dict) -> dict:
     def clean(x):
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
         if isinstance(x, float) and not math.isfinite(x):
             return None
         return x

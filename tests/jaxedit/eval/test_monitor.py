@@ -42,6 +42,8 @@ def test_collapse_rule_on_records():
                                                                            "general_chance": 37.5})
     assert "accuracy 39.5 <= chance 37.5 + 2" in rule.reason(unedited, {"perplexity": 11.0, "general_accuracy": 39.5,
                                                                          "general_chance": 37.5})
+    at_chance = dict(unedited, general_accuracy=38.0)  # unedited at chance: accuracy cannot collapse
+    assert rule.reason(at_chance, {"perplexity": 11.0, "general_accuracy": 30.0, "general_chance": 37.5}) is None
     assert CollapseRule(None, None).reason(unedited, {"perplexity": 1e9, "general_accuracy": 0.0,
                                                       "general_chance": 50.0}) is None
     with pytest.raises(ValueError, match="unknown tasks"):
