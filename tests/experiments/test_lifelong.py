@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments import lifelong, results_log
+from experiments import lifelong, lifelong_summary, results_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,3 +38,11 @@ def test_monitored_records_and_a_rerun_that_adds_nothing(tmp_path):
     assert set(monitor["general"]) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu"}
     assert monitor["weight_change"]["1"] > 0 and cell["unedited"]["weight_change"]["1"] == 0
     assert cell["final"] == monitor and len(list((cache / "lifelong").glob("run-*.npz"))) == 1
+    # the summary's table, general-ability table and plot from these records
+    latest = lifelong_summary.runs(recs)
+    assert list(latest) == [("memit", 2, True, 0.5)] and len(latest[("memit", 2, True, 0.5)]["batches"]) == 1
+    text = lifelong_summary.table(latest, n_resamples=50)
+    assert "| memit B=2 (MPES+norm 0.5) | 4 |" in text
+    assert "| unedited |" in lifelong_summary.general_table(latest) and "| 4 |" not in lifelong_summary.general_table(latest)
+    lifelong_summary.plot(latest, tmp_path / "lifelong.png", n_resamples=50)
+    assert (tmp_path / "lifelong.png").stat().st_size > 10_000
