@@ -424,14 +424,30 @@ def _gguf_reader(path: str | os.PathLike):
     return reader
 
 
+# llama.cpp's GGUF architectures this port reads. Mistral is written as "llama" by llama.cpp's
+# converter (the same tensors, q/k rows permuted); "qwen2" keeps transformers' q/k row order and adds
+# the q/k/v biases.
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+
+def _gguf_family(arch: str, window, name) -> str:
+    """LlamaConfig.architecture of a GGUF file: qwen2, or mistral for a llama file with a sliding
+    window or named Mistral (how transformers' GGUF loader tells them apart), else llama."""
+    if arch == "qwen2":
+        return "qwen2"
+    return "mistral" if window is not None or "mistral" in str(name or "").lower() else "llama"
+
+
 def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, Params]:
-    """Loads a llama-architecture GGUF file, dequantised to float32 (then cast to dtype)."""
+    """Loads a GGUF file of llama.cpp's llama (Llama, Mistral) or qwen2 architecture, dequantised to
+    float32 (then cast to dtype). Tensors the architecture does not have are refused by name."""
     import gguf
 
     reader = _gguf_reader(path)
     arch = _gguf_value(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                              f"{list(GGUF_ARCHITECTURES)})")
     tensors = {t.name: t for t in reader.tensors}
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in tensors:
@@ -439,17 +455,19 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaCon
     _missing = object()
 
     def get(key, default=_missing):
-        value = _gguf_value(reader, f"llama.{key}", default)
+        value = _gguf_value(reader, f"{arch}.{key}", default)
         if value is _missing:
-            raise CheckpointError(f"{path}: GGUF metadata key llama.{key} is missing")
+            raise CheckpointError(f"{path}: GGUF metadata key {arch}.{key} is missing")
         return value
 
     n_heads = int(get("attention.head_count"))
     n_kv = int(get("attention.head_count_kv", n_heads))
     d_model = int(get("embedding_length"))
     vocab = int(get("vocab_size", tensors["token_embd.weight"].shape[-1]))
-    if _gguf_value(reader, "llama.rope.scaling.type") not in (None, "none"):
-        raise CheckpointError(f"{path}: GGUF rope scaling is not supported")
+    if _gguf_value(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise CheckpointError(f"{path}: GGUF rope scaling {_gguf_value(reader, f'{arch}.rope.scaling.type')!r} "
+                              f"is not supported")
+    window = get("attention.sliding_window", None)
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=d_model, intermediate_size=int(get("feed_forward_length")),
         num_hidden_layers=int(get("block_count")), num_attention_heads=n_heads, num_key_value_heads=n_kv,
@@ -462,31 +480,92 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaCon
         eos_token_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_gguf_value(reader, "tokenizer.ggml.padding_token_id"),
         dtype=dtype,
+        architecture=_gguf_family(arch, window, _gguf_value(reader, "general.name")),
+        sliding_window=None if window is None else int(window),
     )
 
     def dequant(name):
         t = tensors[name]
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
 
-    gguf_layer = {"input_layernorm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-                  "o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "gate_proj": "ffn_gate",
-                  "up_proj": "ffn_up", "down_proj": "ffn_down"}
-    state = {"model.embed_tokens.weight": dequant("token_embd.weight"),
-             "model.norm.weight": dequant("output_norm.weight")}
-    if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = dequant("output.weight")
-    for i in range(cfg.num_hidden_layers):
-        for key, g in gguf_layer.items():
-            name = f"blk.{i}.{g}.weight"
-            if name not in tensors:
-                raise CheckpointError(f"{path}: tensor {name} is missing")
-            w = dequant(name)
-            if key == "q_proj":
-                w = _unpermute_rope(w, n_heads)
-            elif key == "k_proj":
-                w = _unpermute_rope(w, n_kv)
-            state[f"model.layers.{i}.{_LAYER_HF[key]}"] = w
+    names = gguf_tensor_names(cfg)
+    unexpected = sorted(set(tensors) - set(names) - {"rope_freqs.weight"})
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors {unexpected[:8]} are not part of the {arch} architecture as this "
+                              f"port reads it (config {cfg.architecture})")
+    if "rope_freqs.weight" in tensors:  # Llama-3.1 style scaling, as llama.cpp stores it
+        cfg = cfg.replace(rope_scaling=_rope_scaling_from_factors(path, cfg, dequant("rope_freqs.weight")))
+    state = {}
+    for name, hf_name in names.items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing")
+        w = dequant(name)
+        if gguf_permutes_rope(cfg) and ".attn_q." in name:
+            w = _unpermute_rope(w, n_heads)
+        elif gguf_permutes_rope(cfg) and ".attn_k." in name:
+            w = _unpermute_rope(w, n_kv)
+        state[hf_name] = w
     return cfg, params_from_hf_state_dict(state, cfg)
+
+
+# params layer key -> llama.cpp tensor name inside "blk.N."
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm.weight", "q_proj": "attn_q.weight", "k_proj": "attn_k.weight",
+                    "v_proj": "attn_v.weight", "o_proj": "attn_output.weight",
+                    "post_attention_layernorm": "ffn_norm.weight", "gate_proj": "ffn_gate.weight",
+                    "up_proj": "ffn_up.weight", "down_proj": "ffn_down.weight",
+                    "q_bias": "attn_q.bias", "k_bias": "attn_k.bias", "v_bias": "attn_v.bias"}
+
+
+def gguf_architecture(cfg: LlamaConfig) -> str:
+    """llama.cpp's architecture for cfg: "qwen2", or "llama" (Llama and Mistral, as llama.cpp converts them)."""
+    return "qwen2" if cfg.architecture == "qwen2" else "llama"
+
+
+def gguf_permutes_rope(cfg: LlamaConfig) -> bool:
+    """Whether llama.cpp stores q/k rows in interleaved rotary pairs: for its llama architecture (it
+    rotates adjacent pairs), not for qwen2 (NeoX-style rotation of the two halves, as transformers)."""
+    return gguf_architecture(cfg) == "llama"
+
+
+def gguf_tensor_names(cfg: LlamaConfig) -> dict[str, str]:
+    """llama.cpp tensor name -> HF tensor name of every parameter of cfg's model."""
+    out = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if not cfg.tie_word_embeddings:
+        out["output.weight"] = "lm_head.weight"
+    for i in range(cfg.num_hidden_layers):
+        for key in layer_param_names(cfg):
+            out[f"blk.{i}.{GGUF_LAYER_NAMES[key]}"] = f"model.layers.{i}.{_LAYER_HF[key]}"
+    return out
+
+
+def _rope_scaling_from_factors(path, cfg: LlamaConfig, factors: np.ndarray):
+    """The "llama3" RopeScaling whose llama.cpp frequency factors (rope_freqs.weight) these are.
+
+    llama.cpp keeps only the per-frequency factors. Llama-3.1/3.2's low_freq_factor 1 and
+    high_freq_factor 4 are assumed; the factor is the largest, and the original context length comes
+    from the smoothed band (or, with none, the gap between kept and divided frequencies). The result
+    is checked to reproduce every factor, else the file is refused.
+    """
+    from .config import RopeScaling
+    from .gguf_export import rope_freq_factors
+
+    factors = np.asarray(factors, np.float64)
+    wavelen = 2 * np.pi * cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    factor, low, high = float(factors.max()), 1.0, 4.0
+    kept, divided = np.isclose(factors, 1.0, rtol=1e-5), np.isclose(factors, factor, rtol=1e-5)
+    smooth = ~kept & ~divided
+    if smooth.any():  # 1/f = (1 - s)/factor + s with s = (original/wavelen - low) / (high - low)
+        s = (1 / factors[smooth] - 1 / factor) / (1 - 1 / factor)
+        original = float(np.median((s * (high - low) + low) * wavelen[smooth]))
+    else:
+        original = float(np.floor(wavelen[divided].min())) if divided.any() else float(cfg.max_position_embeddings)
+    scaling = RopeScaling(factor=factor, low_freq_factor=low, high_freq_factor=high,
+                          original_max_position_embeddings=int(round(original)))
+    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(rope_freq_factors(cfg.replace(rope_scaling=scaling)),
+                                                                factors, rtol=1e-4):
+        raise CheckpointError(f"{path}: rope_freqs.weight holds frequency factors that no Llama-3 'llama3' rope "
+                              f"scaling (low_freq_factor 1, high_freq_factor 4) reproduces")
+    return scaling
 
 
 # ------------------------------------------------------------------ dispatch

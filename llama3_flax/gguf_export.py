@@ -1,7 +1,8 @@
 """Params -> a llama.cpp-compatible GGUF file (the inverse of checkpoint.load_gguf).
 
-`save_gguf` writes architecture "llama" metadata, the tensors under llama.cpp's names (q/k rows in
-llama.cpp's interleaved rotary order), norms in float32 as llama.cpp keeps them, matrices in F32,
+`save_gguf` writes llama.cpp's "llama" architecture (Llama, and Mistral as llama.cpp converts it:
+q/k rows in its interleaved rotary order) or "qwen2" (q/k rows as transformers has them, q/k/v
+biases), the tensors under llama.cpp's names, norms in float32 as llama.cpp keeps them, matrices in F32,
 F16, BF16 or Q8_0, and the tokenizer: carried over from a source GGUF file (every `tokenizer.*`
 key, chat template included) or built from a Hugging Face BPE tokenizer. The file appears whole or
 not at all (temp file in the same folder, then os.replace).
@@ -17,15 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import _LAYER_HF, gguf_architecture, gguf_permutes_rope, gguf_tensor_names
 from .config import LlamaConfig
-from .model import Params, param_shapes
+from .model import Params, layer_param_names, param_shapes
 
 DTYPES = ("float32", "float16", "bfloat16", "q8_0")
-
-# params layer key -> llama.cpp tensor name inside "blk.N."
-_GGUF_LAYER = {"input_layernorm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-               "o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "gate_proj": "ffn_gate",
-               "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 # llama.cpp token types (llama_token_type / gguf.TokenType)
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
@@ -115,6 +112,8 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
             regex = parts[0].get("pattern", {}).get("Regex", "")
             if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}{1,3}" in regex:
                 return "llama-bpe"
+            if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}|" in regex:
+                return "qwen2"  # Llama-3's split with single digits
     return "default"
 
 
@@ -217,14 +216,15 @@ def _named_tensors(params: Params, cfg: LlamaConfig):
     f32 = lambda a: np.asarray(np.asarray(a), np.float32)  # noqa: E731  (bfloat16 params go through ml_dtypes)
     yield "token_embd.weight", f32(params["embed_tokens"]), False
     layers = {k: f32(v) for k, v in params["layers"].items()}
+    by_hf = {hf: name for name, hf in gguf_tensor_names(cfg).items()}
     for i in range(cfg.num_hidden_layers):
-        for key, name in _GGUF_LAYER.items():
+        for key in layer_param_names(cfg):
             w = layers[key][i]
-            if key == "q_proj":
+            if gguf_permutes_rope(cfg) and key == "q_proj":
                 w = permute_rope(w, cfg.num_attention_heads)
-            elif key == "k_proj":
+            elif gguf_permutes_rope(cfg) and key == "k_proj":
                 w = permute_rope(w, cfg.num_key_value_heads)
-            yield f"blk.{i}.{name}.weight", w, key.endswith("layernorm")
+            yield by_hf[f"model.layers.{i}.{_LAYER_HF[key]}"], w, key.endswith("layernorm")
     yield "output_norm.weight", f32(params["norm"]), True
     if not cfg.tie_word_embeddings:
         yield "output.weight", f32(params["lm_head"]), False
@@ -270,11 +270,18 @@ def save_gguf(path: str | os.PathLike, params: Params, cfg: LlamaConfig, *, toke
     tokenizer_source: a .gguf file whose `tokenizer.*` fields (vocabulary, merges, special ids, chat
     template) are copied, a Hugging Face fast BPE tokenizer, or a TokenizerMetadata. dtype: the type
     of the matrices ("float32", "float16", "bfloat16" or "q8_0"); norms are always float32.
+    A sliding window is written as `llama.attention.sliding_window` (or qwen2.…), which load_gguf
+    reads back; llama.cpp's llama and qwen2 architectures attend to every earlier token regardless,
+    as they do for the files its own converter writes from Mistral and Qwen2 checkpoints.
     """
     import gguf
 
     _check_dtype(dtype)
     _check_params(params, cfg)
+    if cfg.rope_scaling is not None and gguf_architecture(cfg) != "llama":
+        raise GGUFExportError(f"llama.cpp's {gguf_architecture(cfg)} architecture reads no rope frequency factors "
+                              f"(rope_freqs.weight): a {cfg.architecture} config with 'llama3' rope scaling cannot "
+                              f"be written as GGUF")
     path = Path(path)
     if path.suffix != ".gguf":
         raise GGUFExportError(f"{path}: a GGUF file name must end in .gguf (load_model tells files by it)")
@@ -287,7 +294,7 @@ def save_gguf(path: str | os.PathLike, params: Params, cfg: LlamaConfig, *, toke
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, gguf_architecture(cfg))
         try:
             _add_metadata(writer, cfg, tok, dtype, name)
             for tname, w, is_norm in _named_tensors(params, cfg):
@@ -311,6 +318,8 @@ def _add_metadata(writer, cfg: LlamaConfig, tok: TokenizerMetadata, dtype: str, 
     import gguf
 
     writer.add_type("model")
+    if name is None and cfg.architecture == "mistral":
+        name = "mistral"  # llama.cpp writes Mistral as "llama"; transformers' loader tells them apart by name
     if name:
         writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -324,6 +333,8 @@ def _add_metadata(writer, cfg: LlamaConfig, tok: TokenizerMetadata, dtype: str, 
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(float(cfg.rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    if cfg.sliding_window is not None:  # read back by checkpoint.load_gguf
+        writer.add_sliding_window(int(cfg.sliding_window))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

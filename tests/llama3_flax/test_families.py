@@ -15,17 +15,20 @@ from .reference import padded_batch, random_tokens, rel_err, torch_logits, torch
 TOL = 1e-5
 
 
-def family_model(seed=0, bias_std=0.5, **kw):
-    """(cfg, params) of a tiny random model; Qwen2's biases drawn large enough to move the logits."""
+def family_model(seed=0, bias_std=0.5, std=0.1, **kw):
+    """(cfg, params) of a tiny random model (config.tiny(**kw)), drawn with NumPy (no program to
+    compile): normal weights, norms near 1, Qwen2's biases large enough to move the logits."""
     cfg = config.tiny(**kw)
-    params = model.init_params(cfg, jax.random.PRNGKey(seed), std=0.1)
-    if cfg.qkv_bias:
-        keys = jax.random.split(jax.random.PRNGKey(seed + 100), 3)
-        layers = dict(params["layers"])
-        for key, name in zip(keys, model.QKV_BIAS_NAMES):
-            layers[name] = bias_std * jax.random.normal(key, layers[name].shape)
-        params = {**params, "layers": layers}
-    return cfg, params
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        name = jax.tree_util.keystr(path)
+        scale = bias_std if "bias" in name else std
+        value = 1 + 0.1 * rng.standard_normal(shape) if "norm" in name else scale * rng.standard_normal(shape)
+        return jnp.asarray(value, cfg.jnp_dtype)
+
+    shapes = model.param_shapes(cfg)
+    return cfg, jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _parity(cfg, params, tokens, mask=None):
@@ -57,11 +60,13 @@ def test_qwen2_logits_match_transformers(name):
     assert rel_err(model.forward(plain, cfg, jnp.asarray(tokens), jnp.asarray(mask)), got, mask) > 1e-2
 
 
-def test_llama_and_mistral_configs_have_no_bias_leaves():
-    for arch in ("llama", "mistral"):
+def test_bias_leaves_only_for_qwen2():
+    for arch in ("llama", "mistral", "qwen2"):
         cfg = config.tiny(architecture=arch)
-        assert not cfg.qkv_bias
-        assert set(model.init_params(cfg, jax.random.PRNGKey(0))["layers"]) == set(model.LAYER_PARAM_NAMES)
+        layers = jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.PRNGKey(0))["layers"]
+        want = model.LAYER_PARAM_NAMES + (model.QKV_BIAS_NAMES if arch == "qwen2" else ())
+        assert cfg.qkv_bias is (arch == "qwen2") and set(layers) == set(want) == set(model.layer_param_names(cfg))
+    assert layers["k_bias"].shape == (cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim)
 
 
 # ------------------------------------------------------------------ sliding window
@@ -89,61 +94,32 @@ def test_qwen2_window_on_every_layer_matches_transformers():
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _run(params, cfg, tokens, mask, positions=None, key_ends=None):
-    return model.run_layers(params, cfg, model.embed(params, tokens), mask, positions=positions, key_ends=key_ends)[0]
+def _run(params, cfg, tokens, mask):
+    return model.run_layers(params, cfg, model.embed(params, tokens), mask)[0]
 
 
 # the programs under test, compiled once each (eager dispatch compiles every primitive on its own)
 _cached = jax.jit(model.run_layers_cached, static_argnames=("cfg",))
-_over_prefix = jax.jit(model.run_layers_over_prefix, static_argnames=("cfg",))
 _layer = jax.jit(model.decoder_layer, static_argnames=("cfg", "query_block"))
 _context = jax.jit(model.layer_context, static_argnames=("cfg",))
-_bias = jax.jit(lm.attention_bias, static_argnames=("window",))
 
 
-def _hidden(cfg, params, seqs, width=20):
+def _hidden(cfg, params, seqs, width=16):
     """The residual stream after the last layer of each sequence alone (rows right-padded to one shape,
     which causal attention never lets a real token see)."""
-    tokens, mask = np.zeros((3, width), np.int32), np.zeros((3, width), np.int32)
+    tokens, mask = np.zeros((len(seqs), width), np.int32), np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, :len(s)], mask[i, :len(s)] = s, 1
     h = np.asarray(_run(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
     return [h[i, :len(s)] for i, s in enumerate(seqs)]
 
 
-@pytest.fixture(scope="module")
-def windowed():
-    return family_model(architecture="mistral", sliding_window=4, num_hidden_layers=3, seed=5)
-
-
-def test_window_in_packed_trees_and_blocked_attention(windowed):
-    """A packed tree row (positions = depths) keeps each sequence's own window, as do query blocks."""
-    cfg, params = windowed
-    rng = np.random.default_rng(0)
-    a, b, c, d = (list(rng.integers(3, cfg.vocab_size, n)) for n in (5, 4, 3, 6))
-    tokens = a + b + c + d + [0, 0]
-    depths = list(range(9)) + [5, 6, 7] + list(range(6)) + [0, 0]
-    ends = [12] * 5 + [9] * 4 + [12] * 3 + [18] * 6 + [0, 0]
-    mask = jnp.asarray([[int(e > 0) for e in ends]])
-    h = np.asarray(_run(params, cfg, jnp.asarray([tokens]), mask, jnp.asarray([depths]), jnp.asarray([ends]))[0])
-    ab, ac, d_alone = _hidden(cfg, params, [a + b, a + c, d])
-    np.testing.assert_allclose(h[:9], ab, atol=TOL)
-    np.testing.assert_allclose(h[[0, 1, 2, 3, 4, 9, 10, 11]], ac, atol=TOL)
-    np.testing.assert_allclose(h[12:18], d_alone, atol=TOL)
-    assert np.abs(h[9:12] - ab[5:8]).max() > 1e-3  # c really differs from b
-
-    x = model.embed(params, jnp.asarray([a + b + c]))
-    cos, sin, bias = _context(cfg, jnp.ones((1, 12), jnp.int32))
-    layer0 = jax.tree_util.tree_map(lambda w: w[0], params["layers"])
-    whole = _layer(cfg, layer0, x, cos, sin, bias)[0]
-    blocked = _layer(cfg, layer0, x, cos, sin, bias, query_block=5)[0]
-    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=TOL)
-
-
-def test_window_through_caches_and_prefixes(windowed):
-    """Left-padded prompts in a KV cache (slots != RoPE positions), a decoding step, and a suffix run over
-    a read-only prefix cache: each equals the plain forward of the unpadded sequence."""
-    cfg, params = windowed
+def test_window_through_a_kv_cache_and_query_blocks():
+    """Left-padded prompts in a KV cache (slots != RoPE positions) and a decoding step (generation), and
+    attention in query blocks (corpus statistics): each equals the plain forward of the unpadded
+    sequence. (The value loop's prefix caches and packed suffixes, and scoring's packed prefix trees,
+    are checked against transformers in tests/jaxedit/editing/test_families_vs_torch.py.)"""
+    cfg, params = family_model(architecture="mistral", sliding_window=4, num_hidden_layers=3, seed=5)
     rng = np.random.default_rng(1)
     seqs = [list(rng.integers(3, cfg.vocab_size, n)) for n in (11, 7)]
     width, extra = 11, 1
@@ -157,38 +133,27 @@ def test_window_through_caches_and_prefixes(windowed):
     key_mask = jnp.concatenate([jnp.asarray(mask), jnp.zeros((2, extra), jnp.int32)], axis=1)
     caches = model.empty_kv_cache(cfg, 2, width + extra)
     slots = jnp.broadcast_to(jnp.arange(width), (2, width))
-    h, caches = _cached(params, cfg, model.embed(params, jnp.asarray(tokens)), positions, slots,
-                                        key_mask, caches, key_positions=key_positions)
+    h, caches = _cached(params, cfg, model.embed(params, jnp.asarray(tokens)), positions, slots, key_mask, caches,
+                        key_positions=key_positions)
     nxt = rng.integers(3, cfg.vocab_size, 2)
-    step, _ = _cached(params, cfg, model.embed(params, jnp.asarray(nxt[:, None])),
-                                      jnp.asarray(lengths)[:, None], jnp.full((2, 1), width),
-                                      key_mask.at[:, width].set(1), caches, key_positions=key_positions)
+    step, _ = _cached(params, cfg, model.embed(params, jnp.asarray(nxt[:, None])), jnp.asarray(lengths)[:, None],
+                      jnp.full((2, 1), width), key_mask.at[:, width].set(1), caches, key_positions=key_positions)
     alone = _hidden(cfg, params, [s + [int(nxt[i])] for i, s in enumerate(seqs)])
     for i, s in enumerate(seqs):
-        want = alone[i]
-        np.testing.assert_allclose(np.asarray(h[i, width - len(s):]), want[:-1], atol=TOL)
-        np.testing.assert_allclose(np.asarray(step[i, 0]), want[-1], atol=TOL)
+        np.testing.assert_allclose(np.asarray(h[i, width - len(s):]), alone[i][:-1], atol=TOL)
+        np.testing.assert_allclose(np.asarray(step[i, 0]), alone[i][-1], atol=TOL)
     with pytest.raises(ValueError, match="sliding window of 4 positions; pass key_positions"):
         model.run_layers_cached(params, cfg, model.embed(params, jnp.asarray(tokens)), positions, slots,
                                 key_mask, caches)
-
-    # a suffix over a read-only prefix cache, as the value optimisation runs it
-    seq, n_prefix = seqs[0], 6
-    full = jnp.asarray([seq], jnp.int32)
-    pre = jnp.arange(n_prefix)[None]
-    _, cache = _cached(params, cfg, model.embed(params, full[:, :n_prefix]), pre, pre,
-                                       jnp.ones((1, n_prefix), jnp.int32), model.empty_kv_cache(cfg, 1, n_prefix),
-                                       key_positions=pre)
-    rest = jnp.arange(n_prefix, len(seq))[None]
-    own = jnp.arange(len(seq) - n_prefix)[None]
-    window = dict(window=cfg.sliding_window, query_rope_positions=rest)
-    bias = _bias(own, own, jnp.ones_like(own), key_rope_positions=rest, **window)
-    prefix_bias = _bias(own, jnp.zeros_like(pre), jnp.ones_like(pre), key_rope_positions=pre, **window)
-    h = _over_prefix(params, cfg, model.embed(params, full[:, n_prefix:]), rest, bias, cache,
-                                     prefix_bias)
-    np.testing.assert_allclose(np.asarray(h[0]), _hidden(cfg, params, [seq])[0][n_prefix:], atol=TOL)
     with pytest.raises(ValueError, match="needs the RoPE positions"):
-        lm.attention_bias(own, own, jnp.ones_like(own), window=4)
+        lm.attention_bias(slots, slots, jnp.asarray(mask), window=4)
+
+    x = model.embed(params, jnp.asarray([seqs[0]]))
+    cos, sin, bias = _context(cfg, jnp.ones((1, width), jnp.int32))
+    layer0 = jax.tree_util.tree_map(lambda w: w[0], params["layers"])
+    whole = _layer(cfg, layer0, x, cos, sin, bias)[0]
+    blocked = _layer(cfg, layer0, x, cos, sin, bias, query_block=4)[0]
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=TOL)
 
 
 # ------------------------------------------------------------------ configs
