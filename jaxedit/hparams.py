@@ -122,7 +122,7 @@ class EditHparams:
     """One editor's settings.
 
     method: "rome" | "memit" | "emmet".
-    layers: layers whose down_proj is edited (ROME and EMMET: one; MEMIT: one or several).
+    layers: layers whose down_proj is edited (ROME: one; MEMIT, EMMET, AlphaEdit: one or several).
     mom2_update_weight: lambda, the weight of preservation (MEMIT and EMMET scale C0 by it).
     emmet_lambda: EMMET's ridge on K^T C^-1 K, keeping the equality-constrained solve stable.
     nullspace_threshold: AlphaEdit: C0's eigenvalues below it span the directions the update may use.

@@ -84,7 +84,9 @@ ROME = Method(name="rome", title="ROME", site="mlp", grouped_templates=False, ma
               ridge_rule="zero", template_groups=((5, 10), (10, 10)))
 MEMIT = Method(name="memit", title="MEMIT", site="resid", grouped_templates=True, max_layers=None,
                max_requests=None, ridge_rule="lambda", template_groups=((10, 5),))
-EMMET = Method(name="emmet", title="EMMET", site="resid", grouped_templates=True, max_layers=1,
+# EMMET spreads a batch over several layers as MEMIT does (its reference code, emmet/emmet_main.py,
+# loops over hparams.layers writing residual / remaining layers); its presets edit one layer.
+EMMET = Method(name="emmet", title="EMMET", site="resid", grouped_templates=True, max_layers=None,
                max_requests=None, ridge_rule="lambda_times_emmet_lambda_for_batches",
                template_groups=((10, 5),))
 # AlphaEdit (Fang et al. 2025): MEMIT's keys, values and layer spreading, the update projected onto

@@ -15,7 +15,7 @@ jaxedit implements, or accepted as purely technical (devices, module paths, wher
 stored, ...). ROME's `mom2_adjustment: false` (EasyEdit's ROME files) reads as C0 = I
 (CovarianceHparams.identity). Anything else raises `UnsupportedHparams` naming the fields, e.g. `fact_token` other
 than "subject_last", `mom2_adjustment: false` outside ROME, a `v_loss_layer` that is not the model's last layer,
-`update_norm_lambda` != 0, EMMET over several layers. Settings that the files do not carry (template
+`update_norm_lambda` != 0. Settings that the files do not carry (template
 sampling seed, early-stop threshold, C0 sample length, ...) come from `base` (an EditHparams, e.g. a
 jaxedit.hparams.preset). `hparams_to_dict` / `write_hparams` write the other way (for running the
 PyTorch tools with jaxedit's settings).

@@ -16,12 +16,12 @@ def test_sites_templates_and_limits():
     assert (methods.ROME.site, methods.MEMIT.site, methods.EMMET.site) == ("mlp", "resid", "resid")
     assert not methods.ROME.grouped_templates and methods.MEMIT.grouped_templates
     assert methods.ROME.max_requests == 1 and methods.MEMIT.max_requests is None
-    assert methods.EMMET.max_layers == 1 and methods.MEMIT.max_layers is None
+    assert methods.ROME.max_layers == 1 and methods.MEMIT.max_layers is None is methods.EMMET.max_layers
     methods.MEMIT.check_requests(1000)
     with pytest.raises(ValueError, match="ROME edits one fact at a time"):
         methods.ROME.check_requests(2)
-    with pytest.raises(ValueError, match="emmet edits one layer"):
-        methods.EMMET.check_layers((1, 2))
+    with pytest.raises(ValueError, match="rome edits one layer"):
+        methods.ROME.check_layers((1, 2))
 
 
 def test_ridge_rules():

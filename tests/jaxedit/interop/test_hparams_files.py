@@ -173,7 +173,7 @@ def test_gptj_module_names_are_technical_but_loss_layer_is_checked(tmp_path):
     ({"layer_selection": "random"}, "layer_selection"),
     ({"mom2_dtype": "float16"}, "mom2_dtype"),
     ({"rewrite_module_tmp": "model.layers.{}.mlp.up_proj"}, "rewrite_module_tmp"),
-    ({"layers": [1, 2]}, "layers"),                       # EMMET edits one layer here
+    ({"layers": [2, 1]}, "layers"),                       # not increasing
     ({"layers": [40]}, "layers"),                         # beyond the model
     ({"v_lr": "fast"}, "v_lr"),
     ({"sequential_edit": True}, "sequential_edit"),       # unknown field
