@@ -36,13 +36,17 @@ def _structs(tree, sharding_tree=None):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding_tree)
 
 
-def param_structs(cfg, mesh):
-    """Shape-only params in cfg's dtype, laid out on the mesh by llama3_flax.sharding's rules."""
+def param_structs(cfg, mesh=None):
+    """Shape-only params in cfg's dtype, laid out on the mesh by llama3_flax.sharding's rules (mesh
+    None: on the default device, unsharded)."""
     import jax
 
     from llama3_flax import model, sharding
 
     shapes = model.param_shapes(cfg)
+    if mesh is None:
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, cfg.jnp_dtype), shapes,
+                                      is_leaf=lambda x: isinstance(x, tuple))
     shardings = sharding.param_shardings(cfg, mesh)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s, cfg.jnp_dtype, sharding=sh), shapes, shardings,
                                   is_leaf=lambda x: isinstance(x, tuple))
@@ -62,23 +66,44 @@ def rows_structs(mesh, tree):
     return jax.tree_util.tree_map(one, tree)
 
 
+# MEMIT's template groups: "{}" and 5 ten-token prefixes (fixed text: no generation from random weights)
+VALUE_TEMPLATES = (("{}",), tuple(f"The history of the region is long and varied {i}. {{}}" for i in range(5)))
+
+
+def planning_tokenizer():
+    """SmolLM2's tokenizer: its ids fit Llama-3's vocabulary and its token counts are like Llama-3's."""
+    from llama3_flax import checkpoint
+
+    return checkpoint.load_tokenizer(checkpoint.smollm2_gguf_path())
+
+
+def value_requests(n_requests: int):
+    """The first n CounterFact "edit" cases of seed 0 ($JAXEDIT_DATA)."""
+    from jaxedit.data.counterfact import load_counterfact
+
+    return tuple(load_counterfact("edit", n=n_requests, seed=0))
+
+
 def value_batch(n_requests: int):
     """A real ValueBatch of n CounterFact requests (SmolLM2's tokenizer: lengths like Llama-3's) with
     MEMIT's templates ("{}" + 5 ten-token prefixes)."""
-    from experiments import world
     from jaxedit.editing import values
-    from llama3_flax import checkpoint
 
-    tok = checkpoint.load_tokenizer(checkpoint.smollm2_gguf_path())
-    cases = world.load_cases("edit", n=n_requests, seed=0)
-    templates = ("{}",) + tuple(f"The history of the region is long and varied {i}. {{}}" for i in range(5))
-    return values.build_value_batch(tok, cases, templates)
+    templates = tuple(t for g in VALUE_TEMPLATES for t in g)
+    return values.build_value_batch(planning_tokenizer(), value_requests(n_requests), templates)
 
 
 def _analyse(compiled):
     m = compiled.memory_analysis()
     return {"args": m.argument_size_in_bytes, "out": m.output_size_in_bytes, "temp": m.temp_size_in_bytes,
             "alias": m.alias_size_in_bytes}
+
+
+def analyse(compiled) -> dict:
+    """A compiled program's memory analysis: args, out, temp, alias and total bytes (args + out + temp
+    - alias: what the program needs on the backend it was compiled for)."""
+    mem = _analyse(compiled)
+    return {**mem, "total": mem["args"] + mem["out"] + mem["temp"] - mem["alias"]}
 
 
 def compile_program(name, build, cfg, mesh):
@@ -137,7 +162,7 @@ def factor_program(f: int):
     from jaxedit.editing import pm
 
     with jax.enable_x64(True):
-        return pm._factor.lower(jax.ShapeDtypeStruct((f, f), jnp.float32), 1e-6, cond_iters=32)
+        return pm._factor.lower(jax.ShapeDtypeStruct((f, f), jnp.float32), 1e-6, 0.0, cond_iters=32)
 
 
 def solve_program(f: int, d: int, n: int):
@@ -151,7 +176,7 @@ def solve_program(f: int, d: int, n: int):
     with jax.enable_x64(True):
         factor = pm.Preservation(chol=sds((f, f), jnp.float64), cond=sds((), jnp.float32),
                                  positive_definite=sds((), jnp.bool_), factored=sds((), jnp.bool_),
-                                 jitter=sds((), jnp.float32))
+                                 jitter=sds((), jnp.float32), shift=sds((), jnp.float32))
         return pm._pm_solve.lower(factor, sds((f, n), jnp.float32), sds((d, n), jnp.float32), 0.0, None,
                                   pm.DEFAULT_MAX_COND, None)
 
