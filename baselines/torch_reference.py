@@ -1,4 +1,5 @@
-"""A compact PyTorch reference of MEMIT and EMMET on transformers' LlamaForCausalLM.
+"""A compact PyTorch reference of ROME, MEMIT, EMMET and AlphaEdit on transformers' LlamaForCausalLM,
+Qwen2ForCausalLM or MistralForCausalLM.
 
 Written for this project (not copied) to work the way the reference implementations do
 (kmeng01/memit, zjunlp/EasyEdit, scalable-model-editing/unified-model-editing), so that jaxedit can
@@ -12,7 +13,10 @@ be checked against it number by number and timed against it:
   at every step; loss, clamp and early stop as below;
 * solve: MEMIT `R K^T (lam C0 + K K^T)^-1` by `torch.linalg.solve` of the F x F system in float64;
   EMMET with the explicit inverse `C^-1` of C = lam C0 (+ update_norm_lambda I), `D = K^T C^-1 K`
-  (+ emmet_lambda I when n > 1), `dW = R D^-1 K^T C^-1`.
+  (+ emmet_lambda I when n > 1), `dW = R D^-1 K^T C^-1`; ROME's rank-one `r u^T / (k^T u)` with
+  u = C0^-1 k (its values at the MLP output, keys averaged over all templates at once); AlphaEdit as
+  its reference code (jianghoucheng/AlphaEdit) solves it, `dW^T = solve(P (K K^T + K_p K_p^T) + l2 I,
+  P K R^T)` with P the projector onto the eigenvectors of C0 whose eigenvalues are below the threshold.
 
 The value optimisation follows jaxedit.editing.values.optimise_values' documented semantics exactly:
 prompt tokens with the tokenizer's own special tokens, target = tokenizer(" " + target,
@@ -44,20 +48,22 @@ KL_PROMPT = "{} is a"
 
 # ------------------------------------------------------------------------------ model
 def torch_model(cfg, params, attn_implementation: str = "sdpa"):
-    """transformers' LlamaForCausalLM (float32, eval mode, no parameter gradients) holding params."""
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    """transformers' LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM (by cfg.architecture;
+    float32, eval mode, no parameter gradients) holding params."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from llama3_flax import checkpoint
 
-    hf_cfg = HFConfig(**cfg.to_hf())
+    hf = cfg.to_hf()
+    hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
     hf_cfg._attn_implementation = attn_implementation
-    model = LlamaForCausalLM(hf_cfg).float().eval()
+    model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     state = {k: torch.from_numpy(np.array(v, np.float32))
              for k, v in checkpoint.hf_state_dict_from_params(params, cfg).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if set(missing) - allowed or unexpected:
-        raise ValueError(f"weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"weights do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
     model.requires_grad_(False)
@@ -145,8 +151,16 @@ def keys(model, tokenizer, requests, template_groups, layer: int) -> torch.Tenso
     return torch.stack(per_group, 0).mean(0)
 
 
-def layer_outputs(model, tokenizer, requests, layer: int) -> torch.Tensor:
-    """(n, D) residual output of `layer` at the subject's last token of each bare prompt."""
+def _site_module(model, layer: int, site: str):
+    """The module whose output is the value site: the decoder layer ("resid") or its MLP ("mlp", ROME)."""
+    if site not in ("resid", "mlp"):
+        raise ValueError(f"site must be 'resid' or 'mlp', got {site!r}")
+    return _layers(model)[layer] if site == "resid" else _layers(model)[layer].mlp
+
+
+def layer_outputs(model, tokenizer, requests, layer: int, site: str = "resid") -> torch.Tensor:
+    """(n, D) output of `layer` (its residual output, or with site "mlp" its MLP output) at the
+    subject's last token of each bare prompt."""
     rows, lookups = [], []
     for r in requests:
         prefix, text = fill_template("{}", r.prompt, r.subject)
@@ -159,7 +173,7 @@ def layer_outputs(model, tokenizer, requests, layer: int) -> torch.Tensor:
         h = out[0] if isinstance(out, tuple) else out
         seen["h"] = h[torch.arange(len(rows)), torch.tensor(lookups)].detach().float()
 
-    handle = _layers(model)[layer].register_forward_hook(hook)
+    handle = _site_module(model, layer, site).register_forward_hook(hook)
     try:
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -181,8 +195,10 @@ class TorchValues:
     steps: np.ndarray
 
 
-def value(model, tokenizer, request, templates: Sequence[str], layer: int, hp) -> dict:
-    """The target value of one request at `layer`'s residual output (MEMIT's compute_z).
+def value(model, tokenizer, request, templates: Sequence[str], layer: int, hp, site: str = "resid") -> dict:
+    """The target value of one request at `layer`'s residual output (MEMIT's compute_z), or with site
+    "mlp" at its MLP output (ROME's): delta is added to the layer's output either way (the MLP output
+    is the last term of the residual), init is read at the site.
 
     Args:
       templates: the flat context templates ("{}" first).
@@ -209,14 +225,18 @@ def value(model, tokenizer, request, templates: Sequence[str], layer: int, hp) -
     delta = torch.zeros(d_model, requires_grad=True)
     state = {"init": None}
 
+    def read_init(module, args, out):
+        if state["init"] is None:
+            h = out[0] if isinstance(out, tuple) else out
+            state["init"] = h[0, lookups[0]].detach().clone()
+
     def hook(module, args, out):
         h = out[0] if isinstance(out, tuple) else out
-        if state["init"] is None:
-            state["init"] = h[0, lookups[0]].detach().clone()
         h = h.index_put((row_idx, look), delta.expand(len(rows), d_model).to(h.dtype), accumulate=True)
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    init_handle = _site_module(model, layer, site).register_forward_hook(read_init)
     handle = _layers(model)[layer].register_forward_hook(hook)
     kl_init, loss, steps = None, None, 0
     try:
@@ -242,14 +262,15 @@ def value(model, tokenizer, request, templates: Sequence[str], layer: int, hp) -
                     delta[...] = delta * max_norm / delta.norm()
     finally:
         handle.remove()
+        init_handle.remove()
     init = state["init"].numpy()
     d = delta.detach().numpy().copy()
     return {"target": init + d, "init": init, "delta": d, "loss": float(loss.item()), "steps": steps}
 
 
-def values(model, tokenizer, requests, templates: Sequence[str], layer: int, hp) -> TorchValues:
+def values(model, tokenizer, requests, templates: Sequence[str], layer: int, hp, site: str = "resid") -> TorchValues:
     """Target values of every request, optimised one request at a time."""
-    out = [value(model, tokenizer, r, templates, layer, hp) for r in requests]
+    out = [value(model, tokenizer, r, templates, layer, hp, site) for r in requests]
     stack = lambda k, dt=np.float32: np.asarray([o[k] for o in out], dt)
     return TorchValues(target=stack("target"), init=stack("init"), delta=stack("delta"), loss=stack("loss"),
                        steps=stack("steps", np.int32))
@@ -285,6 +306,28 @@ def emmet_solve(C0, K, R, lam: float, emmet_lambda: float, update_norm_lambda: f
     return R @ adj_k.T
 
 
+def rome_solve(C0, k, r) -> torch.Tensor:
+    """ROME's rank-one update dW = r u^T / (k^T u), u = C0^-1 k, in float64. C0 (F, F), k (F,) or
+    (F, 1), r (D,) or (D, 1) -> (D, F)."""
+    C0, k, r = (_f64(x) for x in (C0, k, r))
+    k, r = k.reshape(-1), r.reshape(-1)
+    u = torch.linalg.solve(C0, k)
+    return torch.outer(r, u) / (k @ u)
+
+
+def alphaedit_solve(C0, K, R, threshold: float, l2: float, previous_keys=None) -> torch.Tensor:
+    """AlphaEdit's update as its reference code solves it, in float64: P = U_0 U_0^T over the
+    eigenvectors of C0 with eigenvalues below `threshold`, dW^T = solve(P (K K^T + K_p K_p^T) + l2 I,
+    P K R^T). C0 (F, F), K (F, n), R (D, n), previous_keys (F, m) or None -> (D, F)."""
+    C0, K, R = (_f64(x) for x in (C0, K, R))
+    evals, evecs = torch.linalg.eigh(C0)
+    null = evecs[:, evals < threshold]
+    P = null @ null.T
+    kept = K @ K.T if previous_keys is None else K @ K.T + _f64(previous_keys) @ _f64(previous_keys).T
+    lhs = P @ kept + l2 * torch.eye(C0.shape[0], dtype=C0.dtype)
+    return torch.linalg.solve(lhs, P @ K @ R.T).T
+
+
 # ------------------------------------------------------------------------------- edit
 @dataclasses.dataclass
 class TorchEdit:
@@ -302,25 +345,30 @@ class TorchEdit:
 
 def edit(model, tokenizer, requests, hparams, *, covariances: Mapping[int, object], templates,
          given_values: TorchValues | None = None) -> TorchEdit:
-    """MEMIT or EMMET on `model` (left unchanged) for a batch of EditRequests.
+    """ROME, MEMIT, EMMET or AlphaEdit on `model` (left unchanged) for a batch of EditRequests.
 
     Args:
-      hparams: jaxedit.hparams.EditHparams (method "memit" or "emmet").
+      hparams: jaxedit.hparams.EditHparams (method "rome", "memit", "emmet" or "alphaedit").
       covariances: {layer: C0 (F, F)} (numpy / jax / torch), unscaled.
       templates: context template groups (("{}",), (...), ...), as jaxedit.editing.templates makes them.
       given_values: precomputed TorchValues to skip the value optimisation (timed as 0).
     """
     method = hparams.method
-    if method not in ("memit", "emmet"):
-        raise NotImplementedError(f"the PyTorch baseline implements MEMIT and EMMET, not {method!r}")
+    if method not in ("rome", "memit", "emmet", "alphaedit"):
+        raise NotImplementedError(f"the PyTorch baseline implements ROME, MEMIT, EMMET and AlphaEdit, not {method!r}")
+    if method == "rome" and (len(requests) != 1 or len(hparams.layers) != 1):
+        raise ValueError("ROME edits one request at one layer")
     groups = tuple(tuple(g) for g in templates)
     flat = [t for g in groups for t in g]
+    site = "mlp" if method == "rome" else "resid"
+    if method == "rome":  # ROME averages its keys over all templates at once
+        groups = (tuple(flat),)
     z_layer = hparams.layers[-1]
     seconds = {"keys": 0.0, "values": 0.0, "solve": 0.0}
     t0 = time.perf_counter()
     vals = given_values
     if vals is None:
-        vals = values(model, tokenizer, requests, flat, z_layer, hparams.value)
+        vals = values(model, tokenizer, requests, flat, z_layer, hparams.value, site)
     seconds["values"] = time.perf_counter() - t0
     zs = torch.from_numpy(np.array(vals.target, np.float64)).T  # (D, n)
 
@@ -330,15 +378,19 @@ def edit(model, tokenizer, requests, hparams, *, covariances: Mapping[int, objec
         for i, layer in enumerate(hparams.layers):
             t0 = time.perf_counter()
             K = keys(model, tokenizer, requests, groups, layer).T.double()       # (F, n)
-            cur = layer_outputs(model, tokenizer, requests, z_layer).T.double()  # (D, n)
+            cur = layer_outputs(model, tokenizer, requests, z_layer, site).T.double()  # (D, n)
             resid = (zs - cur) / (len(hparams.layers) - i)
             seconds["keys"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             C0 = _f64(covariances[layer])
             if method == "memit":
                 dW = memit_solve(C0, K, resid, hparams.mom2_update_weight)
-            else:
+            elif method == "emmet":
                 dW = emmet_solve(C0, K, resid, hparams.mom2_update_weight, hparams.emmet_lambda)
+            elif method == "rome":
+                dW = rome_solve(C0, K, resid)
+            else:
+                dW = alphaedit_solve(C0, K, resid, hparams.nullspace_threshold, hparams.l2)
             with torch.no_grad():
                 down_proj_weight(model, layer)[...] = originals[layer] + dW.float()
             seconds["solve"] += time.perf_counter() - t0

@@ -143,3 +143,20 @@ def test_bad_checkpoints_are_named(tmp_path, qwen_tokenizer, monkeypatch):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(checkpoint.CheckpointError, match=r"GGUF architecture 'gemma' is not supported"):
         checkpoint.load_gguf(tmp_path / "gemma.gguf")
+
+
+def test_qwen2_onto_a_mesh(tmp_path, qwen_tokenizer):
+    """The sharding rules cover the bias leaves (heads over the model axis), and a Qwen2 folder loads
+    straight onto a mesh as load_hf_folder loads it."""
+    from jax.sharding import PartitionSpec
+
+    from llama3_flax import sharding
+
+    cfg, params = _tiny("qwen2")
+    mesh = sharding.make_mesh(1, 1)
+    specs = sharding.param_shardings(cfg, mesh)
+    assert specs["layers"]["q_bias"].spec == PartitionSpec(None, sharding.MODEL)
+    folder = checkpoint.save_hf_folder(tmp_path / "folder", params, cfg, tokenizer=qwen_tokenizer)
+    cfg2, params2, reads = checkpoint.load_hf_folder_onto_mesh(folder, mesh)
+    assert cfg2 == cfg and any(name.endswith("self_attn.v_proj.bias") for name, _ in reads.reads)
+    _assert_same(params, params2)
