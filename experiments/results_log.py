@@ -11,15 +11,17 @@ can tell a finished cell (a record with "type": "cell") from the left-overs of a
 
 One writer per file: a program's ResultsLog holds an exclusive flock on the sibling `<out>.lock`
 (which names the holder's pid) for the rest of the process, and a second program started on the same
-file stops at once with ResultsFileInUse. The one exception is a run whose processes each run their
-own share of the cells (--cell_parallelism=per_process; `share=` below): each of its processes is a
-writer. They hold `<out>.lock` shared (so a one-writer program on the file is refused, and they are
-refused while one runs), each holds `<out>.lock.process<i>` exclusively (process i started twice is
-refused), and every append takes an exclusive flock on the results file itself, rereads it and
-skips a "cell" record whose cell another writer has already recorded, so a cell is written once. It is refused rather than made to wait, since a second run
+file stops at once with ResultsFileInUse. It is refused rather than made to wait, since a second run
 on one file is almost always the same command started twice or two sweeps given one --out by mistake;
 waiting would hide that and, for two different sweeps, serialise hours of work without a word. The
 kernel releases the lock when the process ends, however it ends.
+
+The one exception is a run whose processes each run their own share of the cells
+(--cell_parallelism=per_process; `share=` below): each of its processes is a writer. They hold
+`<out>.lock` shared (so a one-writer program on the file is refused, and they are refused while one
+runs), each holds `<out>.lock.process<i>` exclusively (process i started twice is refused), and every
+append takes an exclusive flock on the results file itself, rereads it and skips a "cell" record
+whose cell another writer has already recorded, so a cell is written once.
 
 A complete line that is not a JSON object is reported (file and line number) and, on a program's
 start, moved aside: appended to `<out>.rejected`, and the file rewritten without it (temp file, fsync,
