@@ -144,7 +144,7 @@ def read_config(path: str | os.PathLike, dtype: str = "float32") -> LlamaConfig:
 
 
 def load_hf_folder(folder: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, Params]:
-    """Loads a Hugging Face Llama folder (config.json + one or several safetensors files)."""
+    """Loads a Hugging Face Llama, Qwen2 or Mistral folder (config.json + one or several safetensors files)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -334,7 +334,8 @@ def check_writable_model(cfg: LlamaConfig, params: Params, tokenizer=None) -> No
 
 def save_hf_folder(folder: str | os.PathLike, params: Params, cfg: LlamaConfig, tokenizer=None,
                    max_shard_bytes: int = 4 << 30) -> Path:
-    """Writes params as an HF folder that transformers' LlamaForCausalLM.from_pretrained loads.
+    """Writes params as an HF folder that transformers' AutoModelForCausalLM.from_pretrained loads (as
+    LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM, by cfg.architecture).
 
     Refused before anything is written (CheckpointError): what load_model would refuse
     (check_writable_model), a folder name ending in .gguf (load_model would read it as a GGUF file),
