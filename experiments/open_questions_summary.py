@@ -202,6 +202,7 @@ def layer_windows(cells: Sequence[Mapping], out_dir: Path, n_resamples: int) -> 
                 else:
                     ax.plot(xs, ys, "o-", label=f"from layer {start}")
             ax.set_title(f"{TITLE.get(method, method)}, B={b}")
+            ax.set_xticks(sorted({k[3] for k in by}))
             ax.set_xlabel("layers in the window")
             ax.set_ylabel("S")
             ax.grid(alpha=0.3)
