@@ -9,7 +9,8 @@
 A cell's batch records are grouped by attempt (the run's identity, the same across resumes), so a run
 still going is shown up to its last measured batch.
 
-  python -m experiments.lifelong_summary --file=experiments/results/raw/lifelong.jsonl --out_dir=experiments/results/lifelong
+  python -m experiments.lifelong_summary --lifelong_file=experiments/results/raw/lifelong.jsonl \\
+      --lifelong_out_dir=experiments/results/lifelong
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from absl import app, flags
 
 from experiments import results_log
 
-flags.DEFINE_string("file", "runs/lifelong.jsonl", "experiments.lifelong's JSONL results")
-flags.DEFINE_string("out_dir", "experiments/results/lifelong", "where lifelong.md and lifelong.png go")
-flags.DEFINE_integer("bootstrap_resamples", 1000, "resamples of the cases for each 95% interval")
+# Flag names of their own: the test suite imports this module beside experiments.summarize.
+flags.DEFINE_string("lifelong_file", "runs/lifelong.jsonl", "experiments.lifelong's JSONL results")
+flags.DEFINE_string("lifelong_out_dir", "experiments/results/lifelong", "where lifelong.md and lifelong.png go")
+flags.DEFINE_integer("lifelong_resamples", 1000, "resamples of the cases for each 95% interval")
 FLAGS = flags.FLAGS
 
 MILESTONES = (256, 1024, 4096)
@@ -156,13 +158,13 @@ def plot(latest: dict, path: Path, n_resamples: int) -> None:
 
 def main(argv):
     del argv
-    latest = runs(results_log.read_jsonl(FLAGS.file))
-    out = Path(FLAGS.out_dir)
+    latest = runs(results_log.read_jsonl(FLAGS.lifelong_file))
+    out = Path(FLAGS.lifelong_out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = ("## Lifelong editing runs\n\n" + table(latest, FLAGS.bootstrap_resamples)
+    text = ("## Lifelong editing runs\n\n" + table(latest, FLAGS.lifelong_resamples)
             + "\n\n## General ability\n\n" + general_table(latest) + "\n")
     (out / "lifelong.md").write_text(text)
-    plot(latest, out / "lifelong.png", FLAGS.bootstrap_resamples)
+    plot(latest, out / "lifelong.png", FLAGS.lifelong_resamples)
     print(text)
 
 
