@@ -12,7 +12,9 @@ On a CPU backend XLA runs bfloat16 dots in float32 and keeps float32 copies of b
 its temporaries, which an accelerator with bfloat16 matmuls does not make; so each program is also
 compiled with float32 weights and its temporaries (float32 activations: an upper bound) stand in for
 the accelerator's, added to the bfloat16 arguments: "device GiB" = arguments + outputs + those
-temporaries - donated aliases, compared with 80 GB (H100) and 141 GB (H200).
+temporaries - donated aliases, compared with 80 GB (H100) and 141 GB (H200). XLA drops arguments a
+program never reads, so C0's pass (which stops before the logits) does not count an untied
+unembedding among its arguments; the caller holds it all the same, and it is added back.
 
     python -m benchmarks.memory_plan   # forces 8 host devices for the 2x4 mesh
 """
@@ -106,8 +108,22 @@ def analyse(compiled) -> dict:
     return {**mem, "total": mem["args"] + mem["out"] + mem["temp"] - mem["alias"]}
 
 
-def compile_program(name, build, cfg, mesh):
-    """build(cfg) -> lowered program; compiled at cfg's dtype and (on CPU) again with float32 weights."""
+def unread_unembedding_bytes(cfg, mesh=None) -> int:
+    """Bytes per device of an untied unembedding (lm_head): programs that stop before the logits (C0,
+    keys) never read it, so XLA drops it from their arguments, but the caller's params hold it all the
+    same. 0 for tied embeddings (the embedding is read)."""
+    import numpy as np
+
+    if cfg.tie_word_embeddings:
+        return 0
+    head = param_structs(cfg, mesh)["lm_head"]
+    shape = head.shape if mesh is None else head.sharding.shard_shape(head.shape)
+    return int(np.prod(shape)) * head.dtype.itemsize
+
+
+def compile_program(name, build, cfg, mesh, unread: int = 0):
+    """build(cfg) -> lowered program; compiled at cfg's dtype and (on CPU) again with float32 weights.
+    unread: bytes per device of inputs held but not read by the program (added to its arguments)."""
     import jax
 
     t0 = time.perf_counter()
@@ -115,13 +131,14 @@ def compile_program(name, build, cfg, mesh):
     temp = mem["temp"]
     if jax.default_backend() == "cpu" and cfg.dtype != "float32":
         temp = _analyse(build(dataclasses.replace(cfg, dtype="float32")).compile())["temp"]
+    mem["args"] += unread
     total = mem["args"] + mem["out"] + temp - mem["alias"]
-    return {"program": name, **mem, "accelerator_temp": temp, "device_bytes": total,
+    return {"program": name, **mem, "accelerator_temp": temp, "device_bytes": total, "unread": unread,
             "compile_s": time.perf_counter() - t0, "mesh": "x".join(str(v) for v in mesh.shape.values())}
 
 
 def programs(cfg, mesh, hp):
-    """(name, build) of each program for this model and mesh."""
+    """(name, build, bytes per device held but not read) of each program for this model and mesh."""
     import jax
     import jax.numpy as jnp
 
@@ -136,7 +153,7 @@ def programs(cfg, mesh, hp):
         out.append((f"value optimisation, {n} requests" + (", layers rematerialised" if remat else ""),
                     lambda c, batch=batch, remat=remat: values.optimise_values.lower(
                         param_structs(c, mesh), c, batch, jnp.int32(layer), hp.value, hp.spec.site,
-                        window=values._window(c, layer), remat=remat)))
+                        window=values._window(c, layer), remat=remat), 0))
     spec = hp.covariance
     f = cfg.intermediate_size
     layers_per_pass = max(1, min(cfg.num_hidden_layers, covariance.DEFAULT_ACCUMULATOR_BYTES // (4 * f * f)))
@@ -144,13 +161,14 @@ def programs(cfg, mesh, hp):
     out.append((f"C0 batch, {spec.batch_size} rows x {spec.max_length}, {layers_per_pass} layers/pass",
                 lambda c: covariance._accumulate_pass.lower(
                     sds((layers_per_pass, f, f), jnp.float32), param_structs(c, mesh), c, ints, ints, ints, ints,
-                    sds((layers_per_pass,), jnp.int32), spec.product_dtype)))
+                    sds((layers_per_pass,), jnp.int32), spec.product_dtype), unread_unembedding_bytes(cfg, mesh)))
     rows = rows_structs(mesh, sds((16, 64), jnp.int32))
     flat = sds((256,), jnp.int32)
     out.append(("scoring, 16 rows x 64 tokens",
-                lambda c: scoring.score_tree_rows.lower(param_structs(c, mesh), c, rows, rows, rows, flat, flat, flat)))
-    out.append((f"float64 C0 factor ({f} x {f}), replicated", lambda c: factor_program(f)))
-    out.append(("float64 solve, 1024 keys, replicated", lambda c: solve_program(f, c.hidden_size, 1024)))
+                lambda c: scoring.score_tree_rows.lower(param_structs(c, mesh), c, rows, rows, rows, flat, flat, flat),
+                0))
+    out.append((f"float64 C0 factor ({f} x {f}), replicated", lambda c: factor_program(f), 0))
+    out.append(("float64 solve, 1024 keys, replicated", lambda c: solve_program(f, c.hidden_size, 1024), 0))
     return out
 
 
@@ -192,8 +210,8 @@ def main():
     hp = hparams.preset("llama3-8b", "memit")
     rows = []
     for name, cfg, mesh in plans:
-        for program, build in programs(cfg, mesh, hp):
-            r = compile_program(program, build, cfg, mesh)
+        for program, build, unread in programs(cfg, mesh, hp):
+            r = compile_program(program, build, cfg, mesh, unread)
             rows.append({"model": name, **r})
             print(f"{name} {r['mesh']} {program}: {r['device_bytes'] / GB:.1f} GB per device "
                   f"(compiled in {r['compile_s']:.0f}s)", flush=True)
