@@ -3,7 +3,7 @@
 Random bfloat16 weights of the real shapes (no checkpoint): Llama-3.2-1B (llama3_flax.config
 llama3_2_1b: 16 layers, d 2048, d_ff 8192, GQA 32/8, llama3 RoPE scaling, tied embeddings) end to end
 at MEMIT's layer 1 (the Llama-3-8B preset's layer): C0 of that layer over a WikiText sample, the
-values of 4 CounterFact requests (3 Adam steps), the float64 factor and solve, the edit
+values of 4 CounterFact requests (3 value-loop steps), the float64 factor and solve, the edit
 (jaxedit.edit with that C0 and those values) and scoring of the edited model. For Llama-3-8B's
 shapes, the stages that fit a 24 GB machine: C0 at layer 1 (a 2-layer model of 8B's shapes: layers
 after the edited one do not enter C0), the float64 factor at d_ff 14336 and the solve for 1024
@@ -249,7 +249,7 @@ def stage_values(model: str, work: Path) -> dict:
                                              for k in ("target", "init", "delta", "loss", "nll", "steps")})
     return {"plan": plan, "seconds": secs, "peak": peak, "rss_before": before, "setup_peak": setup_peak,
             "shape": f"{N_REQUESTS} requests, {batch.tokens.shape[0]} prefix rows x {batch.tokens.shape[1]}, "
-                     f"{VALUE_STEPS} Adam steps, window {window} layers",
+                     f"{VALUE_STEPS} value-loop steps, window {window} layers",
             "steps_run": np.asarray(vals.steps).tolist()}
 
 
@@ -414,7 +414,7 @@ def stage_baseline(model: str, work: Path) -> dict:
 # (model, stage, description, call)
 PROGRAMS = [
     ("1b", "c0", "C0 of layer 1, 64 WikiText samples of <= 256 tokens", lambda m, w: stage_c0(m, w, 64, 256)),
-    ("1b", "values", "values of 4 requests at layer 1, 3 Adam steps", stage_values),
+    ("1b", "values", "values of 4 requests at layer 1, 3 steps", stage_values),
     ("1b", "factor", "float64 factor of that C0", stage_factor),
     ("1b", "solve", "float64 solve, 4 keys", lambda m, w: stage_solve(m, w, N_REQUESTS)),
     ("1b", "edit", "MEMIT edit of the 4 requests (keys, factor, solve, update)", stage_edit),
@@ -422,7 +422,7 @@ PROGRAMS = [
     ("8b-2", "c0", "C0 of layer 1, 16 WikiText samples of <= 256 tokens", lambda m, w: stage_c0(m, w, 16, 256)),
     ("8b-2", "factor", "float64 factor, d_ff 14336", stage_factor),
     ("8b-2", "solve", "float64 solve, 1024 keys, d_ff 14336", lambda m, w: stage_solve(m, w, 1024)),
-    ("8b-4", "values", "values of 4 requests at layer 1, 3 Adam steps (4-layer model: window of 2)",
+    ("8b-4", "values", "values of 4 requests at layer 1, 3 steps (4-layer model: window of 2)",
      stage_values),
 ]
 MODEL_NAMES = {"1b": "Llama-3.2-1B", "8b-2": "Llama-3-8B shapes, layers 0-1", "8b-4": "Llama-3-8B shapes, 4 layers"}
