@@ -18,7 +18,10 @@ TINY = "tiny-random"
 
 
 def define_common_flags(default_out: str):
-    """Flags every sweep shares (call once, at import of the program module)."""
+    """Flags every sweep shares (called at import of the program module). A second program module
+    imported into the same process (the test suite imports several) finds them defined and keeps them."""
+    if "model" in FLAGS:
+        return
     flags.DEFINE_string("model", "smollm2", "'smollm2' (offline GGUF), a .gguf file, an HF folder, or "
                         f"'{TINY}' (random 4-layer model + word tokenizer, for tests)")
     flags.DEFINE_string("counterfact", "edit", "CounterFact source for jaxedit.data.counterfact.load_counterfact: "

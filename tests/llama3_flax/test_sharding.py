@@ -81,7 +81,7 @@ def test_rules_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="has 2 entries"):
         sharding.shard_params(params, cfg, mesh, wrong_rank)
     with pytest.raises(ValueError, match="needs 6 devices"):
-        sharding.make_mesh(2, 3, devices=jax.devices() * 5)
+        sharding.make_mesh(2, 3, devices=jax.devices()[:1] * 5)  # 5, whatever this process has
 
 
 def test_dims_that_do_not_divide_and_sliced_loading(tmp_path):
