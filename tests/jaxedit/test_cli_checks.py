@@ -78,7 +78,7 @@ def test_an_output_name_that_disagrees_with_the_format_is_refused_before_the_mod
     assert listing(tmp_path) == before
 
 
-def _unwritable_folder(tmp_path):
+def _unwritable_folder(tmp_path, monkeypatch):
     if os.geteuid() != 0:
         folder = tmp_path / "read-only"
         folder.mkdir()
@@ -89,11 +89,22 @@ def _unwritable_folder(tmp_path):
     except OSError:
         return "/sys"  # root writes everywhere but in sysfs
     os.rmdir("/sys/jaxedit-write-probe")
-    pytest.skip("no folder this user cannot write to")
+    # root on a machine whose sysfs is writable: the folder refuses new entries as a read-only one would
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(path)) == str(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    return folder
 
 
-def test_an_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, capsys, facts, no_model):
-    folder = _unwritable_folder(tmp_path)
+def test_an_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, capsys, facts, no_model, monkeypatch):
+    folder = _unwritable_folder(tmp_path, monkeypatch)
     code, err = run(capsys, *edit(facts, f"{folder}/edited"))
     assert code == 2 and f"--out {folder}/edited: cannot write in {folder}" in err
 
